@@ -1,0 +1,1 @@
+"""Attention backends: prepare per-batch metadata once, then run each layer's attention."""

@@ -1,0 +1,146 @@
+"""Typed, frozen configuration of the engine, resolved and validated once.
+
+`ModelConfig` is the architecture (from a Hugging Face config.json dict, or the
+dict a GGUF file's metadata is turned into). `EngineConfig` is what the user
+chose (model path, dtype, memory and batching limits). Nothing here mutates
+after construction; derived values are properties. No torch import: dtypes are
+names (strings) resolved by the runner.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """Architecture of a decoder-only transformer (Llama family, Qwen2)."""
+
+    architecture: str
+    """Hugging Face `architectures[0]`, e.g. "LlamaForCausalLM"; picks the model class."""
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: tuple[tuple[str, object], ...] | None
+    """Rope scaling dict as sorted (key, value) pairs (frozen), e.g. llama3 factors; None for plain RoPE."""
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+    """q/k/v projections carry a bias (Qwen2)."""
+    eos_token_ids: tuple[int, ...]
+    """Every id that ends generation (config.json + generation_config.json)."""
+    bos_token_id: int | None
+    torch_dtype: str
+    """The checkpoint's dtype name ("bfloat16", "float32", ...)."""
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def rope_scaling_dict(self) -> dict | None:
+        return dict(self.rope_scaling) if self.rope_scaling else None
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict, extra_eos_ids: tuple[int, ...] = ()) -> ModelConfig:
+        """Build from a config.json dict; raise ValueError for what we cannot run."""
+        archs = cfg.get("architectures") or []
+        if not archs:
+            raise ValueError("config.json has no 'architectures' entry; cannot pick a model class.")
+        heads = _req(cfg, "num_attention_heads")
+        hidden = _req(cfg, "hidden_size")
+        rope_scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters")
+        rope_theta = cfg.get("rope_theta")
+        if isinstance(rope_scaling, dict):
+            rope_theta = rope_theta or rope_scaling.get("rope_theta")
+            kind = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
+            rope_scaling = None if kind == "default" else rope_scaling
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos if isinstance(eos, list) else ([] if eos is None else [eos]))
+        for extra in extra_eos_ids:
+            if extra not in eos_ids:
+                eos_ids += (extra,)
+        return cls(
+            architecture=archs[0],
+            vocab_size=_req(cfg, "vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=_req(cfg, "intermediate_size"),
+            num_layers=_req(cfg, "num_hidden_layers"),
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or hidden // heads,
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(rope_theta or 10000.0),
+            rope_scaling=tuple(sorted(rope_scaling.items())) if rope_scaling else None,
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2")),
+            eos_token_ids=eos_ids,
+            bos_token_id=cfg.get("bos_token_id"),
+            torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
+        )
+
+
+def _req(cfg: dict, key: str):
+    if key not in cfg:
+        raise ValueError(f"config.json is missing '{key}'.")
+    return cfg[key]
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """What the user asked for; validated in __post_init__."""
+
+    model: str | None = None
+    """Hugging Face folder or GGUF file; None means the bundled SmolLM2-135M-Instruct GGUF."""
+    tokenizer: str | None = None
+    """Tokenizer folder/file if different from `model`."""
+    dtype: str = "auto"
+    """Weights and activations: auto (float32 on CPU, checkpoint dtype on GPU), float32, bfloat16, float16."""
+    device: str = "cpu"
+    load_format: str = "auto"
+    """auto, safetensors, gguf, or dummy (random weights of the model's shape, for benchmarks)."""
+    max_model_len: int | None = None
+    """Context length; None means the model's max_position_embeddings."""
+    max_num_seqs: int = 64
+    """Most requests running at once."""
+    max_num_batched_tokens: int = 2048
+    """Token budget of one engine step (prefill chunks + decodes)."""
+    kv_cache_memory_gb: float = 1.0
+    """Memory for the KV cache (ignored when num_kv_slots is given)."""
+    num_kv_slots: int | None = None
+    """Exact number of KV slots (tokens) in the pool; mostly for tests."""
+    seed: int = 0
+    """Seed of the shared generator used by requests without their own seed."""
+    num_threads: int | None = None
+    """CPU threads for torch; None leaves torch's default."""
+    show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}.")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}.")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}.")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}.")
+        if self.num_kv_slots is not None and self.num_kv_slots < 1:
+            raise ValueError(f"num_kv_slots must be >= 1, got {self.num_kv_slots}.")
+        if self.kv_cache_memory_gb <= 0:
+            raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}.")

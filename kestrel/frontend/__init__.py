@@ -1,0 +1,1 @@
+"""Frontend: tokenizer, chat template, incremental detokenizer (no torch)."""

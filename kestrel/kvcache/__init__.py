@@ -1,0 +1,1 @@
+"""KV memory: slot allocator (bookkeeping), request->slot table, and the tensor pool."""

@@ -1,0 +1,1 @@
+"""Tensor-parallel-ready building blocks of the models (linear, embedding, norm, RoPE)."""

@@ -1,0 +1,105 @@
+"""Column- and row-parallel linear layers, each parameter with its `weight_loader`.
+
+ColumnParallelLinear splits the output features over TP ranks; RowParallelLinear
+splits the input features and all-reduces the result. The merged variants
+(gate_up, qkv) hold several checkpoint tensors in one matrix so one GEMM does
+the work; their loaders take a `shard_id` naming which part a tensor is.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kestrel.distributed.parallel_state import all_reduce, tp_rank, tp_size
+
+
+def _divide(a: int, b: int) -> int:
+    if a % b:
+        raise ValueError(f"{a} is not divisible by the tensor-parallel size {b}")
+    return a // b
+
+
+class ColumnParallelLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features_per_rank = _divide(out_features, tp_size())
+        self.weight = nn.Parameter(torch.empty(self.out_features_per_rank, in_features), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+        self.bias = None
+        if bias:
+            self.bias = nn.Parameter(torch.empty(self.out_features_per_rank), requires_grad=False)
+            self.bias.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        n = param.shape[0]
+        _copy(param, loaded.narrow(0, tp_rank() * n, n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)  # [T, out_per_rank]
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel outputs in one matrix (e.g. gate_proj and up_proj)."""
+
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False) -> None:
+        super().__init__(in_features, sum(output_sizes), bias)
+        self.output_sizes_per_rank = [_divide(s, tp_size()) for s in output_sizes]
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int = 0) -> None:
+        size = self.output_sizes_per_rank[shard_id]
+        offset = sum(self.output_sizes_per_rank[:shard_id])
+        _copy(param.data.narrow(0, offset, size), loaded.narrow(0, tp_rank() * size, size))
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """q, k and v projections in one matrix; heads are split over TP ranks."""
+
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
+                 bias: bool = False) -> None:
+        self.num_heads = _divide(num_heads, tp_size())
+        self.num_kv_heads = _divide(num_kv_heads, tp_size())
+        self.head_dim = head_dim
+        total = (num_heads + 2 * num_kv_heads) * head_dim
+        super().__init__(hidden_size, total, bias)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str = "q") -> None:
+        q = self.num_heads * self.head_dim
+        kv = self.num_kv_heads * self.head_dim
+        offset, size = {"q": (0, q), "k": (q, kv), "v": (q + kv, kv)}[shard_id]
+        _copy(param.data.narrow(0, offset, size), loaded.narrow(0, tp_rank() * size, size))
+
+
+class RowParallelLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__()
+        self.in_features_per_rank = _divide(in_features, tp_size())
+        self.weight = nn.Parameter(torch.empty(out_features, self.in_features_per_rank), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+        self.bias = None
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
+            self.bias.weight_loader = self.bias_loader
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        n = param.shape[1]
+        _copy(param, loaded.narrow(1, tp_rank() * n, n))
+
+    def bias_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        _copy(param, loaded)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight)  # [T, out_features], partial sum over ranks
+        out = all_reduce(out)
+        if self.bias is not None:
+            out = out + self.bias
+        return out
+
+
+def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    if dst.shape != src.shape:
+        raise ValueError(f"checkpoint tensor of shape {tuple(src.shape)} does not fit parameter "
+                         f"of shape {tuple(dst.shape)}")
+    dst.data.copy_(src)

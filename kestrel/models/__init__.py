@@ -1,0 +1,1 @@
+"""Model architectures, the registry from HF `architectures` names, and the loader."""

@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny random Hugging Face models saved as safetensors folders."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(2)
+
+
+def make_tiny_hf_model(path: str, arch: str = "llama", seed: int = 0, **overrides) -> torch.nn.Module:
+    """Save a tiny random model of the given architecture to `path`; return the HF module (fp32)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  rms_norm_eps=1e-5, tie_word_embeddings=False, eos_token_id=2, bos_token_id=1)
+    common.update(overrides)
+    if arch == "llama":
+        cfg = transformers.LlamaConfig(**common)
+        model = transformers.LlamaForCausalLM(cfg)
+    elif arch == "qwen2":
+        cfg = transformers.Qwen2Config(**common)
+        model = transformers.Qwen2ForCausalLM(cfg)
+    else:
+        raise ValueError(arch)
+    # Random init of transformers leaves biases at zero; make them count.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.5)
+            elif "norm" in name:
+                p.normal_(1.0, 0.1)
+    model = model.float().eval()
+    model.save_pretrained(path, safe_serialization=True)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("tiny_llama"))
+    make_tiny_hf_model(path, "llama")
+    return path

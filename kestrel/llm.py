@@ -57,6 +57,12 @@ class LLM:
         self.tokenizer = load_tokenizer(tokenizer or self.engine.model_path)
         self._next_id = 0
 
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> LLM:
+        """Build from a resolved EngineConfig (used by the CLI)."""
+        values = {f.name: getattr(config, f.name) for f in fields(EngineConfig)}
+        return cls(**values)
+
     def get_tokenizer(self):
         return self.tokenizer
 

@@ -1,0 +1,37 @@
+"""Command-line flags for `EngineConfig` (names follow `vllm serve`), shared by every command."""
+
+from __future__ import annotations
+
+import argparse
+
+from kestrel.config import DTYPES, LOAD_FORMATS, EngineConfig
+
+
+def add_engine_args(parser: argparse.ArgumentParser, with_model: bool = True) -> None:
+    if with_model:
+        parser.add_argument("model", nargs="?", default=None,
+                            help="Hugging Face folder or GGUF file (default: bundled SmolLM2-135M-Instruct)")
+    parser.add_argument("--model", dest="model_flag", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder/file if not the model's")
+    parser.add_argument("--dtype", default="auto", choices=DTYPES)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--load-format", default="auto", choices=LOAD_FORMATS)
+    parser.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    parser.add_argument("--max-num-seqs", type=int, default=64, help="most requests running at once")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
+    parser.add_argument("--kv-cache-memory-gb", type=float, default=1.0, help="memory for the KV cache")
+    parser.add_argument("--num-kv-slots", type=int, default=None, help="exact KV pool size in tokens")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-threads", type=int, default=None, help="CPU threads for torch")
+
+
+def engine_config_from_args(args: argparse.Namespace, **overrides) -> EngineConfig:
+    values = dict(
+        model=getattr(args, "model_flag", None) or getattr(args, "model", None),
+        tokenizer=args.tokenizer, dtype=args.dtype, device=args.device, load_format=args.load_format,
+        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory_gb=args.kv_cache_memory_gb,
+        num_kv_slots=args.num_kv_slots, seed=args.seed, num_threads=args.num_threads,
+    )
+    values.update(overrides)
+    return EngineConfig(**values)

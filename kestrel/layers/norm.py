@@ -18,5 +18,8 @@ class RMSNorm(nn.Module):
         if residual is not None:
             x = x + residual
             residual = x
-        out = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
+        if x.dtype == torch.float32:
+            out = F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        else:  # normalise in float32, scale in the model dtype, as Hugging Face does
+            out = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
         return out if residual is None else (out, residual)

@@ -1,0 +1,317 @@
+"""Batched sampler: one new token per row from the model's last-position logits.
+
+Owns the step from logits to tokens. Input: logits [num_rows, vocab] (any float dtype, any
+device) and one `SamplingRow` per logits row (its params, its generator and its token
+history). Output: a `SamplerOutput` with the sampled token ids on CPU and, when any row asked
+for them, log-probabilities of the RAW model distribution (vLLM v1's default).
+
+Pipeline, in vLLM v1 order, all in float32:
+    raw logprobs -> blocked ids -> repetition penalty (prompt and output tokens)
+    -> frequency / presence penalties (output tokens) -> greedy rows: argmax
+    -> random rows: temperature -> min_p -> top_k -> top_p -> exponential-race sample.
+
+Invariant: a random row whose request has a seed draws its noise from its own generator, one
+[vocab] draw per step, so its tokens depend only on its seed, its logits and its step count,
+never on the rest of the batch. Everything else is vectorized over the batch; per-row knobs
+travel to the device in one tensor per call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from kestrel.sampling_params import SamplingParams
+
+_GREEDY_EPS = 1e-5
+"""Temperature below this is greedy (the same threshold as SamplingParams.is_greedy)."""
+
+# Columns of the per-row knob tensor built by `_summarize`.
+_TEMP, _TOP_P, _TOP_K, _MIN_P, _REP, _FREQ, _PRES = range(7)
+_NUM_KNOBS = 7
+
+
+class SamplingRow(NamedTuple):
+    """What the sampler needs to know about one request for one step."""
+
+    params: SamplingParams
+    generator: torch.Generator | None
+    """The request's own generator (on the logits' device) when params.seed is set, else None."""
+    prompt_token_ids: Sequence[int]
+    output_token_ids: Sequence[int]
+    """Tokens generated so far (for penalties)."""
+    blocked_token_ids: Sequence[int] = ()
+    """Ids that must not be sampled this step (EOS / stop ids before min_tokens)."""
+
+
+class SamplerOutput(NamedTuple):
+    """Tokens of one step; the logprob fields are None when no row asked for logprobs.
+
+    max_k = max(params.logprobs) over the rows that asked. Rows that asked for fewer
+    alternatives (or none) still get max_k columns; the caller slices.
+    """
+
+    token_ids: torch.Tensor
+    """[num_rows] int64 on CPU: the sampled tokens."""
+    logprobs: torch.Tensor | None
+    """[num_rows, 1 + max_k] float32 on CPU: col 0 the sampled token's, cols 1.. the top-k (descending)."""
+    logprob_token_ids: torch.Tensor | None
+    """[num_rows, 1 + max_k] int64 on CPU: col 0 the sampled token, cols 1.. the top-k token ids."""
+    ranks: torch.Tensor | None
+    """[num_rows] int64 on CPU: 1 + the number of tokens with a strictly larger raw logprob."""
+
+
+class _Batch(NamedTuple):
+    """Host-side summary of the rows: flags that pick the stages to run, knobs for the device."""
+
+    knobs: torch.Tensor
+    """[num_rows, _NUM_KNOBS] float32 on CPU."""
+    all_greedy: bool
+    has_blocked: bool
+    has_penalties: bool
+    has_min_p: bool
+    max_top_k: int
+    """Largest top_k over the random rows; 0 when none uses top_k."""
+    has_top_p: bool
+    seeded_rows: list[tuple[int, torch.Generator]]
+    """(row, generator) of the random rows that draw noise from their own generator."""
+    max_logprobs: int | None
+    """max(params.logprobs) over the rows that asked; None when none did."""
+
+
+class Sampler:
+    """Samples one token per row. Stateless per request; owns only the shared generator."""
+
+    def __init__(self, seed: int | None = None):
+        self._seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
+        if logits.dim() != 2 or logits.shape[0] != len(rows):
+            raise ValueError(
+                f"logits must be [num_rows, vocab] with num_rows == len(rows) == {len(rows)}, "
+                f"got shape {tuple(logits.shape)}."
+            )
+        raw = logits.float()  # [num_rows, vocab]; never modified (may be the caller's tensor)
+        batch = _summarize(rows)
+        if batch.all_greedy and not (batch.has_blocked or batch.has_penalties):
+            tokens = raw.argmax(dim=-1)  # [num_rows]
+        else:
+            tokens = self._sample(raw, rows, batch)
+        return _make_output(raw, tokens, batch.max_logprobs)
+
+    def _sample(self, raw: torch.Tensor, rows: Sequence[SamplingRow], batch: _Batch) -> torch.Tensor:
+        knobs = batch.knobs.to(raw.device, non_blocking=True)  # [num_rows, _NUM_KNOBS]
+        logits = raw.clone()  # [num_rows, vocab]
+        if batch.has_blocked:
+            _block_(logits, [row.blocked_token_ids for row in rows])
+        if batch.has_penalties:
+            _penalize_(logits, rows, knobs)
+        greedy_tokens = logits.argmax(dim=-1)  # [num_rows]
+        if batch.all_greedy:
+            return greedy_tokens
+        random_tokens = self._sample_random(logits, knobs, batch)  # [num_rows]
+        is_greedy = knobs[:, _TEMP] < _GREEDY_EPS  # [num_rows]
+        return torch.where(is_greedy, greedy_tokens, random_tokens)
+
+    def _sample_random(self, logits: torch.Tensor, knobs: torch.Tensor, batch: _Batch) -> torch.Tensor:
+        """Temperature, filters and the exponential race, over all rows (greedy rows at T=1)."""
+        temperature = knobs[:, _TEMP : _TEMP + 1]  # [num_rows, 1]
+        logits.div_(torch.where(temperature < _GREEDY_EPS, 1.0, temperature))
+        if batch.has_min_p:
+            _apply_min_p_(logits, knobs[:, _MIN_P])
+        if batch.has_top_p:
+            top_k = knobs[:, _TOP_K] if batch.max_top_k else None
+            _apply_top_k_top_p_(logits, top_k, knobs[:, _TOP_P])
+        elif batch.max_top_k:
+            _apply_top_k_(logits, knobs[:, _TOP_K], batch.max_top_k)
+        probs = logits.softmax(dim=-1)  # [num_rows, vocab]
+        noise = self._exponential_noise(probs, batch.seeded_rows)  # [num_rows, vocab]
+        # argmax(p / q) with q ~ Exp(1) picks token i with probability p_i (Gumbel-max in disguise).
+        return probs.div_(noise).argmax(dim=-1)
+
+    def _exponential_noise(
+        self, probs: torch.Tensor, seeded_rows: list[tuple[int, torch.Generator]]
+    ) -> torch.Tensor:
+        noise = torch.empty_like(probs).exponential_(generator=self._shared_generator(probs.device))
+        for row, generator in seeded_rows:  # the only per-row loop: one [vocab] draw per seeded row
+            noise[row].exponential_(generator=generator)
+        # Exp(1) can round to 0; a 0 would turn a masked token's 0 / 0 into NaN, which argmax picks.
+        return noise.clamp_min_(torch.finfo(torch.float32).tiny)
+
+    def _shared_generator(self, device: torch.device) -> torch.Generator:
+        generator = self._generators.get(device)
+        if generator is None:
+            generator = torch.Generator(device=device)
+            if self._seed is None:
+                generator.seed()  # non-deterministic
+            else:
+                generator.manual_seed(self._seed)
+            self._generators[device] = generator
+        return generator
+
+
+def _summarize(rows: Sequence[SamplingRow]) -> _Batch:
+    knob_rows: list[list[float]] = []
+    seeded_rows: list[tuple[int, torch.Generator]] = []
+    has_blocked = False
+    max_logprobs: int | None = None
+    for i, row in enumerate(rows):
+        p = row.params
+        knob_rows.append(
+            [
+                p.temperature,
+                p.top_p,
+                float(p.top_k),
+                p.min_p,
+                p.repetition_penalty,
+                p.frequency_penalty,
+                p.presence_penalty,
+            ]
+        )
+        if row.generator is not None and not p.is_greedy:
+            seeded_rows.append((i, row.generator))
+        has_blocked = has_blocked or len(row.blocked_token_ids) > 0
+        if p.logprobs is not None:
+            max_logprobs = p.logprobs if max_logprobs is None else max(max_logprobs, p.logprobs)
+    knobs = torch.tensor(knob_rows, dtype=torch.float32).reshape(len(rows), _NUM_KNOBS)
+    random = [not row.params.is_greedy for row in rows]
+    return _Batch(
+        knobs=knobs,
+        all_greedy=not any(random),
+        has_blocked=has_blocked,
+        has_penalties=any(_has_penalty(row.params) for row in rows),
+        has_min_p=any(r and row.params.min_p > 0 for r, row in zip(random, rows)),
+        max_top_k=max((row.params.top_k for r, row in zip(random, rows) if r), default=0),
+        has_top_p=any(r and row.params.top_p < 1 for r, row in zip(random, rows)),
+        seeded_rows=seeded_rows,
+        max_logprobs=max_logprobs,
+    )
+
+
+def _has_penalty(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1 or p.frequency_penalty != 0 or p.presence_penalty != 0
+
+
+def _make_output(raw: torch.Tensor, tokens: torch.Tensor, max_logprobs: int | None) -> SamplerOutput:
+    if max_logprobs is None:
+        return SamplerOutput(tokens.cpu(), None, None, None)
+    raw_logprobs = raw.log_softmax(dim=-1)  # [num_rows, vocab]
+    sampled = tokens.unsqueeze(1)  # [num_rows, 1]
+    sampled_logprobs = raw_logprobs.gather(1, sampled)  # [num_rows, 1]
+    ranks = (raw_logprobs > sampled_logprobs).sum(dim=-1) + 1  # [num_rows]
+    k = min(max_logprobs, raw.shape[1])
+    top_logprobs, top_ids = raw_logprobs.topk(k, dim=-1)  # [num_rows, k], descending
+    logprobs = torch.cat([sampled_logprobs, top_logprobs], dim=1)  # [num_rows, 1 + k]
+    token_ids = torch.cat([sampled, top_ids], dim=1)  # [num_rows, 1 + k]
+    return SamplerOutput(tokens.cpu(), logprobs.cpu(), token_ids.cpu(), ranks.cpu())
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages. Each works in place on float32 logits [num_rows, vocab].
+
+
+def _block_(logits: torch.Tensor, blocked: Sequence[Sequence[int]]) -> None:
+    """Set each row's blocked ids to -inf."""
+    row_idx, token_idx = _flatten([(ids,) for ids in blocked], logits.device)  # [num_ids] each
+    logits[row_idx, token_idx] = float("-inf")
+
+
+def _penalize_(logits: torch.Tensor, rows: Sequence[SamplingRow], knobs: torch.Tensor) -> None:
+    """Repetition penalty over prompt + output tokens, then frequency / presence over output tokens.
+
+    Rows with neutral penalties contribute no token ids, so they cost nothing here.
+    """
+    num_rows, vocab = logits.shape
+    uses_repetition = [row.params.repetition_penalty != 1 for row in rows]
+    if any(uses_repetition):
+        repeat_ids = [
+            (row.prompt_token_ids, row.output_token_ids) if uses else ()
+            for uses, row in zip(uses_repetition, rows)
+        ]
+        row_idx, token_idx = _flatten(repeat_ids, logits.device)
+        seen = torch.zeros(num_rows, vocab, dtype=torch.bool, device=logits.device)
+        seen[row_idx, token_idx] = True  # [num_rows, vocab]
+        penalty = knobs[:, _REP : _REP + 1]  # [num_rows, 1]
+        penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+        logits.copy_(torch.where(seen, penalized, logits))
+
+    output_ids = [
+        (row.output_token_ids,) if row.params.frequency_penalty or row.params.presence_penalty else ()
+        for row in rows
+    ]
+    if any(len(ids) for group in output_ids for ids in group):
+        row_idx, token_idx = _flatten(output_ids, logits.device)
+        counts = torch.zeros(num_rows, vocab, dtype=torch.float32, device=logits.device)
+        counts.index_put_(
+            (row_idx, token_idx), torch.ones_like(token_idx, dtype=torch.float32), accumulate=True
+        )  # [num_rows, vocab]
+        logits -= knobs[:, _FREQ : _FREQ + 1] * counts
+        logits -= knobs[:, _PRES : _PRES + 1] * (counts > 0)
+
+
+def _apply_min_p_(logits: torch.Tensor, min_p: torch.Tensor) -> None:
+    """Drop tokens whose probability is below min_p times the row's top probability."""
+    probs = logits.softmax(dim=-1)  # [num_rows, vocab]
+    threshold = min_p.unsqueeze(1) * probs.amax(dim=-1, keepdim=True)  # [num_rows, 1]
+    logits.masked_fill_(probs < threshold, float("-inf"))
+
+
+def _apply_top_k_top_p_(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> None:
+    """Keep each row's top_k tokens (0 disables; ties with the k-th are kept), then the smallest
+    set whose probability reaches top_p (the top token always survives). One ascending sort."""
+    vocab = logits.shape[1]
+    sorted_logits, order = logits.sort(dim=-1)  # [num_rows, vocab] ascending
+    if top_k is not None:
+        k = top_k.long()  # [num_rows]
+        k = torch.where((k <= 0) | (k > vocab), vocab, k)
+        kth_largest = sorted_logits.gather(1, (vocab - k).unsqueeze(1))  # [num_rows, 1]
+        sorted_logits.masked_fill_(sorted_logits < kth_largest, float("-inf"))
+    if top_p is not None:
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # [num_rows, vocab]
+        drop = cumulative <= (1 - top_p).unsqueeze(1)  # [num_rows, vocab]
+        drop[:, -1] = False
+        sorted_logits.masked_fill_(drop, float("-inf"))
+    logits.scatter_(1, order, sorted_logits)
+
+
+def _apply_top_k_(logits: torch.Tensor, top_k: torch.Tensor, max_top_k: int) -> None:
+    """Keep each row's top_k tokens (0 disables; ties with the k-th are kept) without a full sort."""
+    max_top_k = min(max_top_k, logits.shape[1])
+    top_values = logits.topk(max_top_k, dim=-1).values  # [num_rows, max_top_k] descending
+    k = top_k.long().clamp(1, max_top_k)  # [num_rows]
+    kth_largest = top_values.gather(1, (k - 1).unsqueeze(1))  # [num_rows, 1]
+    kth_largest.masked_fill_((top_k <= 0).unsqueeze(1), float("-inf"))
+    logits.masked_fill_(logits < kth_largest, float("-inf"))
+
+
+def _flatten(
+    groups: Sequence[Sequence[Sequence[int]]], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row groups of id sequences -> (row index, token id) pairs on `device`, one transfer.
+
+    Lists go through numpy (torch.tensor on a long Python list is several times slower);
+    numpy arrays and CPU tensors are used without conversion.
+    """
+    per_row = [
+        np.concatenate([_as_int64(ids) for ids in group]) if group else np.empty(0, np.int64)
+        for group in groups
+    ]
+    lengths = [len(ids) for ids in per_row]
+    pairs = np.empty((2, sum(lengths)), dtype=np.int64)  # [2, num_ids]: row index, token id
+    if per_row:
+        np.concatenate(per_row, out=pairs[1])
+        pairs[0] = np.repeat(np.arange(len(per_row), dtype=np.int64), lengths)
+    pairs = torch.from_numpy(pairs).to(device, non_blocking=True)  # [2, num_ids]
+    return pairs[0], pairs[1]
+
+
+def _as_int64(ids: Sequence[int]) -> np.ndarray:
+    if isinstance(ids, torch.Tensor):
+        return ids.detach().cpu().numpy().astype(np.int64, copy=False).reshape(-1)
+    if isinstance(ids, np.ndarray):
+        return ids.astype(np.int64, copy=False).reshape(-1)
+    return np.fromiter(ids, dtype=np.int64, count=len(ids))

@@ -46,3 +46,11 @@ def tiny_llama_dir(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("tiny_llama"))
     make_tiny_hf_model(path, "llama")
     return path
+
+
+@pytest.fixture(scope="session")
+def smollm_llm():
+    """The bundled SmolLM2-135M-Instruct through the offline API, fp32, loaded once per session."""
+    from kestrel import LLM
+
+    return LLM(dtype="float32", show_progress=False, max_model_len=2048)

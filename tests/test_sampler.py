@@ -197,13 +197,13 @@ def test_penalties_match_python_reference():
     for trial in range(30):
         rows = _random_penalty_batch(rng, num_rows=6, vocab=20)
         logits = torch.randn(6, 20, generator=torch.Generator().manual_seed(trial)) * 2
-        expected = torch.tensor([_reference_penalize(l, r) for l, r in zip(logits.tolist(), rows)])
+        expected = torch.tensor([_reference_penalize(lg, r) for lg, r in zip(logits.tolist(), rows)])
 
         # The penalty stage alone, exactly (blocked ids are a separate stage: drop them here).
         staged = logits.clone()
         _penalize_(staged, rows, _summarize(rows).knobs)
         no_block = torch.tensor(
-            [_reference_penalize(l, r._replace(blocked_token_ids=())) for l, r in zip(logits.tolist(), rows)]
+            [_reference_penalize(lg, r._replace(blocked_token_ids=())) for lg, r in zip(logits.tolist(), rows)]
         )
         torch.testing.assert_close(staged, no_block)
 

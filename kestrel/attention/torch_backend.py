@@ -30,7 +30,7 @@ class TorchAttentionBackend:
         device = layout.slot_mapping.device
         q_lens, s_lens = layout.query_lens, layout.seq_lens
         num_reqs, max_q, max_s = len(q_lens), max(q_lens), max(s_lens)
-        kv_index = layout.req_to_token[layout.req_rows, :max_s]  # [R, L]
+        kv_index = layout.req_to_token[layout.req_rows, :max_s].contiguous()  # [R, L]
         if num_reqs == 1 and q_lens[0] == s_lens[0]:
             return TorchAttentionMeta(layout.slot_mapping, kv_index, None, None, max_q)
         q_len_t = torch.tensor(q_lens, device=device)
@@ -56,8 +56,9 @@ class TorchAttentionBackend:
         else:
             q_grid = q
         q_grid = q_grid.view(num_reqs, max_q, num_heads, head_dim).transpose(1, 2)  # [R, H, Q, D]
-        keys = k_cache[meta.kv_index].transpose(1, 2)     # [R, KH, L, D]
-        values = v_cache[meta.kv_index].transpose(1, 2)   # [R, KH, L, D]
+        flat = meta.kv_index.view(-1)
+        keys = k_cache.index_select(0, flat).view(num_reqs, -1, *k_cache.shape[1:]).transpose(1, 2)  # [R, KH, L, D]
+        values = v_cache.index_select(0, flat).view(num_reqs, -1, *v_cache.shape[1:]).transpose(1, 2)
         out = F.scaled_dot_product_attention(
             q_grid, keys, values, attn_mask=meta.mask, is_causal=meta.mask is None,
             enable_gqa=keys.shape[1] != num_heads)

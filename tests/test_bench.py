@@ -30,7 +30,7 @@ def test_bench_offline_counts_and_saves(tiny_llama_dir, tmp_path, capsys, backen
     try:
         rc = main(["bench", "offline", tiny_llama_dir, "--backend", backend, "--load-format", "dummy",
                    "--num-prompts", "5", "--input-len", "12", "--output-len", "6", "--max-num-seqs", "2",
-                   "--num-warmup-tokens", "2", "--output-json", str(out)])
+                   "--num-warmup-tokens", "2", "--num-iters", "2", "--output-json", str(out)])
     finally:
         torch.set_num_threads(threads)
     assert rc == 0
@@ -40,6 +40,7 @@ def test_bench_offline_counts_and_saves(tiny_llama_dir, tmp_path, capsys, backen
     assert r["backend"] == backend
     assert r["num_output_tokens"] == 5 * 6
     assert r["elapsed_s"] > 0 and r["output_tokens_per_s"] > 0 and r["requests_per_s"] > 0
+    assert len(r["all_elapsed_s"]) == 2 and r["elapsed_s"] == min(r["all_elapsed_s"])
     assert r["total_tokens_per_s"] == pytest.approx(r["output_tokens_per_s"] * (12 + 6) / 6)
     assert r["ms_per_output_token"] == pytest.approx(r["elapsed_s"] * 1e3 / 30)
     assert 0 < r["mean_decode_step_ms"] < r["elapsed_s"] * 1e3
@@ -200,3 +201,10 @@ def test_random_prompts_have_the_requested_token_length():
     assert [p.prompt_len for p in prompts] == [10, 10, 10]
     assert all(len(p.text) == 10 and p.output_len == 4 for p in prompts)
     assert prompts == serve.random_prompts(CharTokenizer(), 3, 10, 4, seed=0)
+
+
+def test_wait_for_idle_cpu_returns_a_busy_fraction():
+    from kestrel.bench.offline import wait_for_idle_cpu
+
+    busy = wait_for_idle_cpu(max_busy=1.0, window_s=0.05)
+    assert 0.0 <= busy <= 1.0

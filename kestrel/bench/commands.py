@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 
 from kestrel.engine_args import add_engine_args, engine_config_from_args
@@ -100,6 +101,7 @@ def _add_serve(sub) -> None:
 def _run_serve(args: argparse.Namespace) -> int:
     from kestrel.bench import serve
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # no log line per request
     spec = serve.ServeSpec(base_url=args.base_url, endpoint=args.endpoint, model=args.model,
                            request_rate=args.request_rate, max_concurrency=args.max_concurrency,
                            temperature=args.temperature, ignore_eos=args.ignore_eos, seed=args.seed,
@@ -131,7 +133,7 @@ def _tokenizer(path: str | None):
     from kestrel.frontend.tokenizer import load_tokenizer
 
     if path is None:
-        from kestrel.models.loader import default_model_path
+        from kestrel.model_files import default_model_path
 
         path = default_model_path()
     return load_tokenizer(path)

@@ -41,7 +41,7 @@ class _StepClock:
 
 def run_hf(model: str | None, dtype: str, load_format: str, spec: OfflineSpec) -> OfflineResult:
     """Benchmark transformers `generate` on `spec`; `model` None means the bundled GGUF."""
-    from kestrel.models.loader import resolve_model_path
+    from kestrel.model_files import resolve_model_path
 
     path = resolve_model_path(model)
     torch_dtype = _DTYPES[dtype]

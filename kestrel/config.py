@@ -109,7 +109,8 @@ class EngineConfig:
     tokenizer: str | None = None
     """Tokenizer folder/file if different from `model`."""
     dtype: str = "auto"
-    """Weights and activations: auto (float32 on CPU, checkpoint dtype on GPU), float32, bfloat16, float16."""
+    """Weights and activations: float32, bfloat16, float16, or auto: float32 on CPU (exact, batch-invariant;
+    bfloat16 is faster on CPUs with AVX512-BF16 or AMX), the checkpoint dtype on GPU (bfloat16 for float32)."""
     device: str = "cpu"
     load_format: str = "auto"
     """auto, safetensors, gguf, or dummy (random weights of the model's shape, for benchmarks)."""
@@ -127,6 +128,8 @@ class EngineConfig:
     """Seed of the shared generator used by requests without their own seed."""
     num_threads: int | None = None
     """CPU threads for torch; None leaves torch's default."""
+    prepack_weights: bool = True
+    """CPU: reorder linear weights once for oneDNN (2-4x faster matmuls; same maths to float rounding)."""
     show_progress: bool = True
 
     def __post_init__(self) -> None:

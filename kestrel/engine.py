@@ -19,7 +19,9 @@ from kestrel.config import EngineConfig, ModelConfig
 from kestrel.kvcache.manager import KVCacheManager
 from kestrel.kvcache.pool import KVPool
 from kestrel.model_files import resolve_model_path
-from kestrel.models.loader import build_model, load_model_config
+from kestrel.kernels.cpu_linear import cpu_has_native_bf16
+from kestrel.kernels.cpu_malloc import keep_freed_memory
+from kestrel.models.loader import build_model, load_model_config, pack_weights
 from kestrel.outputs import EngineOutput
 from kestrel.request import FinishReason, Request
 from kestrel.runner.model_runner import ModelRunner, SampledToken
@@ -34,15 +36,22 @@ class Engine:
         self.config = config
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
+        if config.device == "cpu":
+            keep_freed_memory()
         self.model_path = resolve_model_path(config.model)
         self.model_config: ModelConfig = load_model_config(self.model_path)
         self.device = torch.device(config.device)
         self.dtype = _resolve_dtype(config.dtype, self.model_config, self.device)
+        if config.dtype == "auto" and self.dtype == torch.float32 and cpu_has_native_bf16():
+            logger.info("This CPU has bf16 instructions: --dtype bfloat16 runs ~1.6x faster "
+                        "(results then depend slightly on batch composition).")
         sizes = _resolve_sizes(config, self.model_config, self.dtype)
         self.max_model_len, num_slots = sizes
         model = build_model(self.model_path, self.model_config, self.dtype, self.device,
                             max_position=self.max_model_len, load_format=config.load_format,
                             show_progress=config.show_progress)
+        if config.prepack_weights:
+            pack_weights(model)
         mc = self.model_config
         self.pool = KVPool(mc.num_layers, num_slots, mc.num_kv_heads, mc.head_dim, self.dtype, self.device)
         self.kv = KVCacheManager(num_slots, config.max_num_seqs, self.max_model_len)

@@ -23,6 +23,8 @@ def add_engine_args(parser: argparse.ArgumentParser, with_model: bool = True) ->
     parser.add_argument("--num-kv-slots", type=int, default=None, help="exact KV pool size in tokens")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-threads", type=int, default=None, help="CPU threads for torch")
+    parser.add_argument("--no-prepack-weights", dest="prepack_weights", action="store_false",
+                        help="CPU: keep torch's default F.linear instead of oneDNN-packed weights")
 
 
 def engine_config_from_args(args: argparse.Namespace, **overrides) -> EngineConfig:
@@ -32,6 +34,7 @@ def engine_config_from_args(args: argparse.Namespace, **overrides) -> EngineConf
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory_gb=args.kv_cache_memory_gb,
         num_kv_slots=args.num_kv_slots, seed=args.seed, num_threads=args.num_threads,
+        prepack_weights=getattr(args, "prepack_weights", True),
     )
     values.update(overrides)
     return EngineConfig(**values)

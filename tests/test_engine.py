@@ -120,3 +120,20 @@ def test_abort_frees_slots(tiny_llama_dir):
         engine.abort_request(rid)
     engine.check_integrity()
     assert engine.kv.num_free_slots == 500 and not engine.has_unfinished_requests()
+
+
+def test_prepacked_weights_give_the_same_greedy_tokens(tiny_llama_dir):
+    """The default CPU engine hands its matmuls to oneDNN-packed weights; --no-prepack-weights keeps F.linear."""
+    from kestrel.kernels.cpu_linear import packing_supported
+    import torch
+
+    if not packing_supported(torch.float32, torch.device("cpu")):
+        pytest.skip("this torch build has no oneDNN")
+    packed, plain = _engine(tiny_llama_dir), _engine(tiny_llama_dir, prepack_weights=False)
+    layer = packed.runner.model.model.layers[0]
+    assert layer.mlp.gate_up_proj.kernel is not None and packed.runner.model.lm_head.kernel is not None
+    assert layer.mlp.gate_up_proj.weight.numel() == 0  # the plain copy is dropped
+    assert plain.runner.model.model.layers[0].mlp.gate_up_proj.kernel is None
+    prompts = _prompts(4, seed=7)
+    greedy = {rid: SamplingParams(temperature=0, max_tokens=12, ignore_eos=True) for rid in prompts}
+    assert _run(packed, prompts, greedy) == _run(plain, prompts, greedy)

@@ -13,7 +13,8 @@ from kestrel.attention.backend import AttentionContext, BatchLayout
 from kestrel.attention.torch_backend import TorchAttentionBackend
 from kestrel.kvcache.manager import KVCacheManager
 from kestrel.kvcache.pool import KVPool
-from kestrel.models.loader import build_model, load_model_config
+from kestrel.kernels.cpu_linear import packing_supported
+from kestrel.models.loader import build_model, load_model_config, pack_weights
 from tests.conftest import make_tiny_hf_model
 
 TOL = 1e-3
@@ -22,11 +23,13 @@ TOL = 1e-3
 class TinyRunner:
     """Runs Kestrel's model over chunks of several requests, returning all positions' logits."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, packed: bool = False, dtype: torch.dtype = torch.float32) -> None:
         self.cfg = load_model_config(path)
-        self.model = build_model(path, self.cfg, torch.float32, "cpu", max_position=256, show_progress=False)
-        self.pool = KVPool(self.cfg.num_layers, 4096, self.cfg.num_kv_heads, self.cfg.head_dim,
-                           torch.float32, "cpu")
+        self.model = build_model(path, self.cfg, dtype, "cpu", max_position=256, show_progress=False)
+        if packed:
+            # every linear layer (4 per decoder layer) and the LM head
+            assert pack_weights(self.model) == 4 * self.cfg.num_layers + 1
+        self.pool = KVPool(self.cfg.num_layers, 4096, self.cfg.num_kv_heads, self.cfg.head_dim, dtype, "cpu")
         self.kv = KVCacheManager(4096, 8, 256)
         self.backend = TorchAttentionBackend()
 
@@ -47,7 +50,7 @@ class TinyRunner:
         ctx = AttentionContext(self.backend, self.backend.prepare(layout),
                                [self.pool.layer(i) for i in range(self.cfg.num_layers)])
         hidden = self.model(torch.tensor(ids), torch.tensor(pos), ctx)
-        logits = self.model.compute_logits(hidden)
+        logits = self.model.compute_logits(hidden).float()
         return list(logits.split(q_lens))
 
 
@@ -69,9 +72,12 @@ def _prompts(seed: int, lengths: list[int], vocab: int) -> list[list[int]]:
                "rope_theta": 500000.0}),
     ("qwen2", {}),
 ])
-def test_logits_match_transformers(tmp_path, arch, overrides):
+@pytest.mark.parametrize("packed", [False, True], ids=["F.linear", "packed"])
+def test_logits_match_transformers(tmp_path, arch, overrides, packed):
+    if packed and not packing_supported(torch.float32, torch.device("cpu")):
+        pytest.skip("this torch build has no oneDNN")
     hf = make_tiny_hf_model(str(tmp_path), arch, **overrides)
-    runner = TinyRunner(str(tmp_path))
+    runner = TinyRunner(str(tmp_path), packed=packed)
     prompts = _prompts(1, [37, 5, 64, 1], runner.cfg.vocab_size)
     # One flat batch of four requests (nopad), whole prompts.
     ours = runner.run([(f"r{i}", p, 0) for i, p in enumerate(prompts)])
@@ -80,9 +86,12 @@ def test_logits_match_transformers(tmp_path, arch, overrides):
         assert (got - ref).abs().max().item() <= TOL
 
 
-def test_chunked_prefill_and_decode_match_full_forward(tmp_path):
+@pytest.mark.parametrize("packed", [False, True], ids=["F.linear", "packed"])
+def test_chunked_prefill_and_decode_match_full_forward(tmp_path, packed):
+    if packed and not packing_supported(torch.float32, torch.device("cpu")):
+        pytest.skip("this torch build has no oneDNN")
     hf = make_tiny_hf_model(str(tmp_path), "llama")
-    runner = TinyRunner(str(tmp_path))
+    runner = TinyRunner(str(tmp_path), packed=packed)
     a, b = _prompts(2, [50, 30], runner.cfg.vocab_size)
     # Step 1: first chunk of a, all of b but its last token. Step 2: rest of a with b's last (decode-like).
     first = runner.run([("a", a[:20], 0), ("b", b[:-1], 0)])
@@ -98,3 +107,20 @@ def test_qwen2_has_qkv_bias(tmp_path):
     assert cfg.attention_bias
     model = build_model(str(tmp_path), cfg, torch.float32, "cpu", max_position=64, show_progress=False)
     assert model.model.layers[0].self_attn.qkv_proj.bias is not None
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["F.linear", "packed"])
+def test_bfloat16_stays_close_to_float32(tmp_path, packed):
+    """bf16 weights and KV (attention upcast to fp32 on CPU), whole prompts then decode steps."""
+    if packed and not packing_supported(torch.bfloat16, torch.device("cpu")):
+        pytest.skip("no oneDNN bf16 on this CPU")
+    hf = make_tiny_hf_model(str(tmp_path), "qwen2")
+    runner = TinyRunner(str(tmp_path), packed=packed, dtype=torch.bfloat16)
+    a, b = _prompts(3, [40, 12], runner.cfg.vocab_size)
+    first = runner.run([("a", a[:-1], 0), ("b", b[:-1], 0)])
+    second = runner.run([("a", a[-1:], len(a) - 1), ("b", b[-1:], len(b) - 1)])
+    for got, ref in ((torch.cat([first[0], second[0]]), _hf_logits(hf, a)),
+                     (torch.cat([first[1], second[1]]), _hf_logits(hf, b))):
+        scale = ref.abs().max().item()
+        assert (got - ref).abs().max().item() <= 0.05 * scale
+        assert (got.argmax(-1) == ref.argmax(-1)).float().mean().item() >= 0.9

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kestrel.distributed.parallel_state import all_gather_last_dim, all_reduce, tp_rank, tp_size
+from kestrel.kernels.cpu_linear import PackedLinear, packing_supported
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -39,11 +40,20 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """Projects hidden states to vocabulary logits; may share its weight with the embedding."""
 
+    kernel: PackedLinear | None = None
+
     def tie_to(self, embedding: VocabParallelEmbedding) -> None:
         self.weight = embedding.weight
 
+    def pack_weights(self) -> bool:
+        """Use a pre-packed CPU kernel; the weight stays (it may be the embedding's too)."""
+        if self.kernel is not None or not packing_supported(self.weight.dtype, self.weight.device):
+            return False
+        self.kernel = PackedLinear(self.weight)
+        return True
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [R, hidden] -> logits [R, vocab]
-        logits = F.linear(hidden, self.weight)
+        logits = self.kernel(hidden) if self.kernel is not None else F.linear(hidden, self.weight)
         logits = all_gather_last_dim(logits)
         return logits[..., : self.vocab_size]

@@ -4,6 +4,9 @@ ColumnParallelLinear splits the output features over TP ranks; RowParallelLinear
 splits the input features and all-reduces the result. The merged variants
 (gate_up, qkv) hold several checkpoint tensors in one matrix so one GEMM does
 the work; their loaders take a `shard_id` naming which part a tensor is.
+
+After loading, `pack_weights()` may hand the matmul to a pre-packed CPU kernel
+(kestrel.kernels.cpu_linear); the plain weight is then dropped to save memory.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kestrel.distributed.parallel_state import all_reduce, tp_rank, tp_size
+from kestrel.kernels.cpu_linear import PackedLinear, packing_supported
 
 
 def _divide(a: int, b: int) -> int:
@@ -21,7 +25,25 @@ def _divide(a: int, b: int) -> int:
     return a // b
 
 
-class ColumnParallelLinear(nn.Module):
+class _PackableLinear(nn.Module):
+    """Holds `weight` [out, in]; `pack_weights` swaps F.linear for a pre-packed kernel where supported."""
+
+    kernel: PackedLinear | None = None
+
+    def _pack(self, with_bias: bool) -> bool:
+        if self.kernel is not None or not packing_supported(self.weight.dtype, self.weight.device):
+            return False
+        self.kernel = PackedLinear(self.weight, self.bias if with_bias else None)
+        self.weight.data = torch.empty(0, dtype=self.weight.dtype, device=self.weight.device)
+        return True
+
+    def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.kernel is not None:
+            return self.kernel(x)
+        return F.linear(x, self.weight, bias)
+
+
+class ColumnParallelLinear(_PackableLinear):
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
         self.in_features = in_features
@@ -37,8 +59,11 @@ class ColumnParallelLinear(nn.Module):
         n = param.shape[0]
         _copy(param, loaded.narrow(0, tp_rank() * n, n))
 
+    def pack_weights(self) -> bool:
+        return self._pack(with_bias=True)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)  # [T, out_per_rank]
+        return self._matmul(x, self.bias)  # [T, out_per_rank]
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -72,7 +97,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         _copy(param.data.narrow(0, offset, size), loaded.narrow(0, tp_rank() * size, size))
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_PackableLinear):
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
         self.in_features_per_rank = _divide(in_features, tp_size())
@@ -90,8 +115,11 @@ class RowParallelLinear(nn.Module):
     def bias_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         _copy(param, loaded)
 
+    def pack_weights(self) -> bool:
+        return self._pack(with_bias=False)  # the bias is added once, after the all-reduce
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight)  # [T, out_features], partial sum over ranks
+        out = self._matmul(x, None)  # [T, out_features], partial sum over ranks
         out = all_reduce(out)
         if self.bias is not None:
             out = out + self.bias

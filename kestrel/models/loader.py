@@ -51,6 +51,11 @@ def build_model(path: str, cfg: ModelConfig, dtype: torch.dtype, device: str | t
     return model.eval()
 
 
+def pack_weights(model: torch.nn.Module) -> int:
+    """Hand every linear layer and the LM head to a pre-packed CPU kernel where supported; returns how many."""
+    return sum(bool(m.pack_weights()) for m in model.modules() if hasattr(m, "pack_weights"))
+
+
 def iter_weights(path: str, load_format: str = "auto") -> Iterator[tuple[str, torch.Tensor]]:
     if os.path.isfile(path):
         if load_format not in ("auto", "gguf"):

@@ -24,8 +24,8 @@ def _generate(args: argparse.Namespace) -> int:
         outs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params, use_tqdm=False)
     else:
         outs = llm.generate(prompts, params, use_tqdm=False)
-    for out in outs:
-        print(f"--- prompt: {prompts[outs.index(out)]!r}")
+    for prompt, out in zip(prompts, outs):
+        print(f"--- prompt: {prompt!r}")
         print(out.outputs[0].text)
         print(f"--- ({len(out.outputs[0].token_ids)} tokens, finish_reason={out.outputs[0].finish_reason})")
     return 0
@@ -54,17 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _command_modules() -> list:
-    import importlib
+    from kestrel import chat
+    from kestrel.bench import commands as bench_commands
+    from kestrel.server import commands as server_commands
 
-    names = ["kestrel.bench.commands", "kestrel.server.commands", "kestrel.chat"]
-    modules = []
-    for name in names:
-        try:
-            modules.append(importlib.import_module(name))
-        except ModuleNotFoundError as e:
-            if e.name != name:
-                raise
-    return modules
+    return [bench_commands, server_commands, chat]
 
 
 def main(argv: list[str] | None = None) -> int:

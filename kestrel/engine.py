@@ -50,8 +50,8 @@ class Engine:
         model = build_model(self.model_path, self.model_config, self.dtype, self.device,
                             max_position=self.max_model_len, load_format=config.load_format,
                             show_progress=config.show_progress)
-        if config.prepack_weights:
-            pack_weights(model)
+        if config.prepack_weights and (packed := pack_weights(model)):
+            logger.info("%d linear layers run on oneDNN-packed weights (%s)", packed, self.dtype)
         mc = self.model_config
         self.pool = KVPool(mc.num_layers, num_slots, mc.num_kv_heads, mc.head_dim, self.dtype, self.device)
         self.kv = KVCacheManager(num_slots, config.max_num_seqs, self.max_model_len)

@@ -355,3 +355,27 @@ def test_cuda_matches_semantics():
         logits[2:3], [_row(SamplingParams(seed=3), generator=torch.Generator(device="cuda").manual_seed(3))]
     )
     assert alone.token_ids[0] == out.token_ids[2]
+
+
+def test_top_p_keeps_the_smallest_covering_set_on_a_large_vocabulary():
+    """The top-k-candidates top_p equals a full-sort reference, incl. flat rows that need >256 candidates."""
+    from kestrel.runner.sampler import _apply_top_p_
+
+    gen = torch.Generator().manual_seed(11)
+    vocab = 49152
+    logits = torch.randn(5, vocab, generator=gen) * torch.tensor([[4.0], [2.0], [0.05], [3.0], [1.0]])
+    top_p = torch.tensor([0.9, 0.5, 0.3, 1.0, 0.999])
+    got = logits.clone()
+    _apply_top_p_(got, top_p)
+    for row in range(5):
+        probs = logits[row].double().softmax(-1)
+        order = probs.argsort(descending=True)
+        mass_above = probs[order].cumsum(0) - probs[order]
+        keep = torch.zeros(vocab, dtype=torch.bool)
+        keep[order[mass_above < top_p[row].double()]] = True
+        kept = torch.isfinite(got[row])
+        # float32 vs float64 rounding may move the cut by a token or two at most
+        assert (kept ^ keep).sum().item() <= 2, row
+        assert kept[logits[row].argmax()]
+    assert torch.isfinite(got[3]).all()  # top_p = 1 keeps everything
+    assert torch.isfinite(got[2]).sum().item() > 256  # a flat row widened past the first candidates

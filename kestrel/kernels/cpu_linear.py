@@ -8,6 +8,11 @@ the same fp32 maths 2-4x faster on the matmul shapes of a decoder (measured on
 a 2-core AMD EPYC: see benchmarks/README.md). Results match `F.linear` to
 float rounding (~1e-6 relative), not bit for bit.
 
+Batch invariance: for two or more rows, a row's result does not depend on how
+many rows there are; a single row can take another path (seen with K = 1536),
+so one row is computed as two. A request then gets the same numbers alone or
+batched, which keeps seeded sampling reproducible (bf16 included).
+
 `PackedLinear` is built by a linear layer after its weights are loaded
 (`pack_weights`); `packing_supported` says whether a dtype/device can use it.
 The packed weight is an opaque oneDNN tensor: the plain weight may be dropped.
@@ -59,4 +64,10 @@ class PackedLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in] -> [..., out]
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, "none", [], "")
+        if x.numel() == self.in_features:  # one row: run it as two (see the module docstring)
+            out = self._matmul(x.reshape(1, -1).expand(2, -1).contiguous())[:1]
+            return out.view(*x.shape[:-1], self.out_features)
+        return self._matmul(x.contiguous())
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")

@@ -8,11 +8,11 @@ for them, log-probabilities of the RAW model distribution (vLLM v1's default).
 Pipeline, in vLLM v1 order, all in float32:
     raw logprobs -> blocked ids -> repetition penalty (prompt and output tokens)
     -> frequency / presence penalties (output tokens) -> greedy rows: argmax
-    -> random rows: temperature -> min_p -> top_k -> top_p -> exponential-race sample.
+    -> random rows: temperature -> min_p -> top_k -> top_p -> inverse-CDF sample.
 
-Invariant: a random row whose request has a seed draws its noise from its own generator, one
-[vocab] draw per step, so its tokens depend only on its seed, its logits and its step count,
-never on the rest of the batch. Everything else is vectorized over the batch; per-row knobs
+Invariant: a random row whose request has a seed draws its uniform from its own generator, one
+draw per step, so its tokens depend only on its seed, its logits and its step count, never on
+the rest of the batch. Everything else is vectorized over the batch; per-row knobs
 travel to the device in one tensor per call.
 """
 
@@ -118,29 +118,28 @@ class Sampler:
         return torch.where(is_greedy, greedy_tokens, random_tokens)
 
     def _sample_random(self, logits: torch.Tensor, knobs: torch.Tensor, batch: _Batch) -> torch.Tensor:
-        """Temperature, filters and the exponential race, over all rows (greedy rows at T=1)."""
+        """Temperature, filters and an inverse-CDF draw, over all rows (greedy rows at T=1)."""
         temperature = knobs[:, _TEMP : _TEMP + 1]  # [num_rows, 1]
         logits.div_(torch.where(temperature < _GREEDY_EPS, 1.0, temperature))
         if batch.has_min_p:
             _apply_min_p_(logits, knobs[:, _MIN_P])
-        if batch.has_top_p:
-            top_k = knobs[:, _TOP_K] if batch.max_top_k else None
-            _apply_top_k_top_p_(logits, top_k, knobs[:, _TOP_P])
-        elif batch.max_top_k:
+        if batch.max_top_k:
             _apply_top_k_(logits, knobs[:, _TOP_K], batch.max_top_k)
-        probs = logits.softmax(dim=-1)  # [num_rows, vocab]
-        noise = self._exponential_noise(probs, batch.seeded_rows)  # [num_rows, vocab]
-        # argmax(p / q) with q ~ Exp(1) picks token i with probability p_i (Gumbel-max in disguise).
-        return probs.div_(noise).argmax(dim=-1)
+        if batch.has_top_p:
+            _apply_top_p_(logits, knobs[:, _TOP_P])
+        cdf = logits.softmax(dim=-1).cumsum_(dim=-1)  # [num_rows, vocab], unnormalized by rounding
+        u = self._uniforms(cdf, batch.seeded_rows)  # [num_rows] in (0, 1]
+        # The first token whose cumulative probability reaches u * total: token i with probability p_i;
+        # u > 0, so a token of probability 0 (a flat step of the cdf) is never picked.
+        target = (u * cdf[:, -1]).unsqueeze(1)  # [num_rows, 1]
+        return torch.searchsorted(cdf, target).squeeze(1).clamp_(max=cdf.shape[1] - 1)
 
-    def _exponential_noise(
-        self, probs: torch.Tensor, seeded_rows: list[tuple[int, torch.Generator]]
-    ) -> torch.Tensor:
-        noise = torch.empty_like(probs).exponential_(generator=self._shared_generator(probs.device))
-        for row, generator in seeded_rows:  # the only per-row loop: one [vocab] draw per seeded row
-            noise[row].exponential_(generator=generator)
-        # Exp(1) can round to 0; a 0 would turn a masked token's 0 / 0 into NaN, which argmax picks.
-        return noise.clamp_min_(torch.finfo(torch.float32).tiny)
+    def _uniforms(self, cdf: torch.Tensor, seeded_rows: list[tuple[int, torch.Generator]]) -> torch.Tensor:
+        """One uniform in (0, 1] per row; a seeded row draws from its own generator (one number a step)."""
+        u = torch.rand(cdf.shape[0], device=cdf.device, generator=self._shared_generator(cdf.device))
+        for row, generator in seeded_rows:  # the only per-row loop
+            u[row] = torch.rand(1, device=cdf.device, generator=generator)[0]
+        return 1.0 - u  # rand is in [0, 1)
 
     def _shared_generator(self, device: torch.device) -> torch.Generator:
         generator = self._generators.get(device)
@@ -260,22 +259,25 @@ def _apply_min_p_(logits: torch.Tensor, min_p: torch.Tensor) -> None:
     logits.masked_fill_(probs < threshold, float("-inf"))
 
 
-def _apply_top_k_top_p_(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> None:
-    """Keep each row's top_k tokens (0 disables; ties with the k-th are kept), then the smallest
-    set whose probability reaches top_p (the top token always survives). One ascending sort."""
-    vocab = logits.shape[1]
-    sorted_logits, order = logits.sort(dim=-1)  # [num_rows, vocab] ascending
-    if top_k is not None:
-        k = top_k.long()  # [num_rows]
-        k = torch.where((k <= 0) | (k > vocab), vocab, k)
-        kth_largest = sorted_logits.gather(1, (vocab - k).unsqueeze(1))  # [num_rows, 1]
-        sorted_logits.masked_fill_(sorted_logits < kth_largest, float("-inf"))
-    if top_p is not None:
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # [num_rows, vocab]
-        drop = cumulative <= (1 - top_p).unsqueeze(1)  # [num_rows, vocab]
-        drop[:, -1] = False
-        sorted_logits.masked_fill_(drop, float("-inf"))
-    logits.scatter_(1, order, sorted_logits)
+def _apply_top_p_(logits: torch.Tensor, top_p: torch.Tensor) -> None:
+    """Keep each row's smallest set of most likely tokens whose probability reaches top_p (ties
+    with the last one kept are kept; the top token always survives).
+
+    No full sort of the vocabulary (25 ms for 16 x 49152 on 2 cores): the candidates are the
+    top 256 tokens, widened x8 only for the rows whose mass they do not cover."""
+    probs = logits.softmax(dim=-1)  # [num_rows, vocab]
+    vocab = probs.shape[1]
+    keep_all = top_p >= 1.0  # [num_rows]: rows that did not ask for top_p
+    k = min(256, vocab)
+    while True:
+        top_probs = probs.topk(k, dim=-1).values  # [num_rows, k] descending
+        cumulative = top_probs.cumsum(dim=-1)  # [num_rows, k]
+        if k == vocab or bool(((cumulative[:, -1] >= top_p) | keep_all).all()):
+            break
+        k = min(vocab, k * 8)
+    last = (cumulative < top_p.unsqueeze(1)).sum(dim=-1).clamp(max=k - 1)  # [num_rows] index of the last kept
+    threshold = top_probs.gather(1, last.unsqueeze(1)).masked_fill_(keep_all.unsqueeze(1), 0.0)  # [num_rows, 1]
+    logits.masked_fill_(probs < threshold, float("-inf"))
 
 
 def _apply_top_k_(logits: torch.Tensor, top_k: torch.Tensor, max_top_k: int) -> None:

@@ -142,7 +142,7 @@ def test_bench_serve_measures_known_delays_and_failures(tmp_path, capsys, endpoi
     with FakeOpenAIServer(send_usage) as srv:
         rc = main(["bench", "serve", "--base-url", srv.base_url, "--endpoint", endpoint,
                    "--prompt-file", str(prompts), "--num-prompts", "8", "--random-output-len", "5",
-                   "--max-concurrency", "4", "--save-result", str(out)])
+                   "--max-concurrency", "4", "--top-p", "0.9", "--save-result", str(out)])
         bodies = srv.bodies
     assert rc == 0
     printed = capsys.readouterr().out
@@ -159,7 +159,7 @@ def test_bench_serve_measures_known_delays_and_failures(tmp_path, capsys, endpoi
     assert r["median_tpot_ms"] == pytest.approx(ITL_S * 1e3, rel=0.5)
     expected_e2el = (TTFT_S + 4 * ITL_S) * 1e3
     assert r["median_e2el_ms"] == pytest.approx(expected_e2el, rel=0.5)
-    assert all(b["stream"] and b["ignore_eos"] and b["max_tokens"] == 5 for b in bodies)
+    assert all(b["stream"] and b["ignore_eos"] and b["max_tokens"] == 5 and b["top_p"] == 0.9 for b in bodies)
     assert all(b["stream_options"] == {"include_usage": True} for b in bodies)
     assert len(bodies) == 8 + 1  # plus the warm-up request
 

@@ -89,6 +89,7 @@ def _add_serve(sub) -> None:
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer for random prompts (default: the bundled SmolLM2 GGUF's)")
     p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=None, help="top_p of every request (default: not sent)")
     p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--num-warmups", type=int, default=1, help="untimed requests sent first")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
@@ -104,7 +105,8 @@ def _run_serve(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # no log line per request
     spec = serve.ServeSpec(base_url=args.base_url, endpoint=args.endpoint, model=args.model,
                            request_rate=args.request_rate, max_concurrency=args.max_concurrency,
-                           temperature=args.temperature, ignore_eos=args.ignore_eos, seed=args.seed,
+                           temperature=args.temperature, top_p=args.top_p, ignore_eos=args.ignore_eos,
+                           seed=args.seed,
                            num_warmups=args.num_warmups, request_timeout_s=args.request_timeout,
                            api_key=args.api_key)
     if args.num_prompts < 1:

@@ -40,6 +40,8 @@ class ServeSpec:
     max_concurrency: int | None = None
     """Most requests in flight at once; None means no cap."""
     temperature: float = 0.0
+    top_p: float | None = None
+    """Sent only when given (vLLM's --top-p)."""
     ignore_eos: bool = True
     seed: int = 0
     """Seed of the arrival times (and of random prompts)."""
@@ -145,6 +147,8 @@ async def _server_model(client: httpx.AsyncClient, base_url: str) -> str:
 def request_body(spec: ServeSpec, model: str, prompt: BenchPrompt) -> dict:
     body: dict = {"model": model, "max_tokens": prompt.output_len, "temperature": spec.temperature,
                   "stream": True, "stream_options": {"include_usage": True}}
+    if spec.top_p is not None:
+        body["top_p"] = spec.top_p
     if spec.ignore_eos:
         body["ignore_eos"] = True
     if spec.endpoint == "/v1/chat/completions":

@@ -26,6 +26,9 @@ import torch
 
 from kestrel.sampling_params import SamplingParams
 
+_MAX_TOP_P_ROUNDS = 16
+"""Rejection rounds for top_p before a still-unsettled row takes its most likely token."""
+
 _GREEDY_EPS = 1e-5
 """Temperature below this is greedy (the same threshold as SamplingParams.is_greedy)."""
 
@@ -125,21 +128,55 @@ class Sampler:
             _apply_min_p_(logits, knobs[:, _MIN_P])
         if batch.max_top_k:
             _apply_top_k_(logits, knobs[:, _TOP_K], batch.max_top_k)
+        probs = logits.softmax(dim=-1)  # [num_rows, vocab]
+        seeded = dict(batch.seeded_rows)
+        tokens = self._draw(probs, list(range(probs.shape[0])), seeded)
         if batch.has_top_p:
-            _apply_top_p_(logits, knobs[:, _TOP_P])
-        cdf = logits.softmax(dim=-1).cumsum_(dim=-1)  # [num_rows, vocab], unnormalized by rounding
-        u = self._uniforms(cdf, batch.seeded_rows)  # [num_rows] in (0, 1]
-        # The first token whose cumulative probability reaches u * total: token i with probability p_i;
-        # u > 0, so a token of probability 0 (a flat step of the cdf) is never picked.
-        target = (u * cdf[:, -1]).unsqueeze(1)  # [num_rows, 1]
+            sampled = knobs[:, _TEMP] >= _GREEDY_EPS
+            self._redraw_outside_top_p_(probs, knobs[:, _TOP_P], sampled, tokens, seeded)
+        return tokens
+
+    def _draw(self, probs: torch.Tensor, rows: list[int], seeded: dict[int, torch.Generator]) -> torch.Tensor:
+        """Inverse-CDF draw of one token per row of `probs` [len(rows), vocab] (need not sum to 1).
+
+        `rows` are the batch rows these are; a seeded row draws its uniform from its own generator.
+        """
+        cdf = probs.cumsum(dim=-1)  # [n, vocab]
+        u = torch.rand(len(rows), device=probs.device, generator=self._shared_generator(probs.device))
+        for i, row in enumerate(rows):  # the only per-row loop: one number per seeded row
+            generator = seeded.get(row)
+            if generator is not None:
+                u[i] = torch.rand(1, device=probs.device, generator=generator)[0]
+        # The first token whose cumulative probability reaches (1 - u) * total, with 1 - u in (0, 1]:
+        # token i with probability p_i, and never a token of probability 0 (a flat step of the cdf).
+        target = ((1.0 - u) * cdf[:, -1]).unsqueeze(1)  # [n, 1]
         return torch.searchsorted(cdf, target).squeeze(1).clamp_(max=cdf.shape[1] - 1)
 
-    def _uniforms(self, cdf: torch.Tensor, seeded_rows: list[tuple[int, torch.Generator]]) -> torch.Tensor:
-        """One uniform in (0, 1] per row; a seeded row draws from its own generator (one number a step)."""
-        u = torch.rand(cdf.shape[0], device=cdf.device, generator=self._shared_generator(cdf.device))
-        for row, generator in seeded_rows:  # the only per-row loop
-            u[row] = torch.rand(1, device=cdf.device, generator=generator)[0]
-        return 1.0 - u  # rand is in [0, 1)
+    def _redraw_outside_top_p_(self, probs: torch.Tensor, top_p: torch.Tensor, sampled: torch.Tensor,
+                               tokens: torch.Tensor, seeded: dict[int, torch.Generator]) -> None:
+        """Top-p by rejection, without sorting the vocabulary (25 ms for 16 x 49152 on 2 cores).
+
+        A token is in the nucleus when the tokens strictly more likely than it hold less than top_p
+        of the mass. A row whose token is outside draws again with that token and every less likely
+        one removed (all outside too), which leaves the nucleus and its relative odds unchanged: the
+        accepted token follows the top-p distribution exactly. Rows usually settle in 1-3 rounds.
+        `probs` loses the removed tokens; `tokens` is updated in place.
+        """
+        pending = ((top_p < 1.0) & sampled).nonzero().squeeze(1)  # [P] batch rows still to check
+        for _ in range(_MAX_TOP_P_ROUNDS):
+            if pending.numel() == 0:
+                return
+            sub = probs.index_select(0, pending)  # [P, vocab]
+            p_token = sub.gather(1, tokens.index_select(0, pending).unsqueeze(1))  # [P, 1]
+            above = torch.where(sub > p_token, sub, 0.0).sum(dim=-1)  # [P]
+            outside = above >= top_p.index_select(0, pending)
+            pending, sub, p_token = pending[outside], sub[outside], p_token[outside]
+            if pending.numel() == 0:
+                return
+            sub.masked_fill_(sub <= p_token, 0.0)
+            probs.index_copy_(0, pending, sub)
+            tokens.index_copy_(0, pending, self._draw(sub, pending.tolist(), seeded))
+        tokens.index_copy_(0, pending, probs.index_select(0, pending).argmax(dim=-1))  # the top token is always in
 
     def _shared_generator(self, device: torch.device) -> torch.Generator:
         generator = self._generators.get(device)
@@ -256,27 +293,6 @@ def _apply_min_p_(logits: torch.Tensor, min_p: torch.Tensor) -> None:
     """Drop tokens whose probability is below min_p times the row's top probability."""
     probs = logits.softmax(dim=-1)  # [num_rows, vocab]
     threshold = min_p.unsqueeze(1) * probs.amax(dim=-1, keepdim=True)  # [num_rows, 1]
-    logits.masked_fill_(probs < threshold, float("-inf"))
-
-
-def _apply_top_p_(logits: torch.Tensor, top_p: torch.Tensor) -> None:
-    """Keep each row's smallest set of most likely tokens whose probability reaches top_p (ties
-    with the last one kept are kept; the top token always survives).
-
-    No full sort of the vocabulary (25 ms for 16 x 49152 on 2 cores): the candidates are the
-    top 256 tokens, widened x8 only for the rows whose mass they do not cover."""
-    probs = logits.softmax(dim=-1)  # [num_rows, vocab]
-    vocab = probs.shape[1]
-    keep_all = top_p >= 1.0  # [num_rows]: rows that did not ask for top_p
-    k = min(256, vocab)
-    while True:
-        top_probs = probs.topk(k, dim=-1).values  # [num_rows, k] descending
-        cumulative = top_probs.cumsum(dim=-1)  # [num_rows, k]
-        if k == vocab or bool(((cumulative[:, -1] >= top_p) | keep_all).all()):
-            break
-        k = min(vocab, k * 8)
-    last = (cumulative < top_p.unsqueeze(1)).sum(dim=-1).clamp(max=k - 1)  # [num_rows] index of the last kept
-    threshold = top_probs.gather(1, last.unsqueeze(1)).masked_fill_(keep_all.unsqueeze(1), 0.0)  # [num_rows, 1]
     logits.masked_fill_(probs < threshold, float("-inf"))
 
 

@@ -10,8 +10,8 @@ float rounding (~1e-6 relative), not bit for bit.
 
 Batch invariance: for two or more rows, a row's result does not depend on how
 many rows there are; a single row can take another path (seen with K = 1536),
-so one row is computed as two. A request then gets the same numbers alone or
-batched, which keeps seeded sampling reproducible (bf16 included).
+so one row is computed as two. A request's matmuls then give the same numbers
+alone or batched (attention is another matter: see attention/torch_backend.py).
 
 `PackedLinear` is built by a linear layer after its weights are loaded
 (`pack_weights`); `packing_supported` says whether a dtype/device can use it.

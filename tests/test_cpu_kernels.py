@@ -1,0 +1,28 @@
+"""oneDNN-packed linear: same maths as F.linear, and rows independent of the batch size."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kestrel.kernels.cpu_linear import PackedLinear, packing_supported
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("in_features,out_features", [(576, 960), (1536, 576)])
+def test_packed_rows_do_not_depend_on_batch_size(dtype, in_features, out_features):
+    if not packing_supported(dtype, torch.device("cpu")):
+        pytest.skip(f"no oneDNN {dtype} on this machine")
+    gen = torch.Generator().manual_seed(0)
+    weight = (torch.randn(out_features, in_features, generator=gen) * 0.02).to(dtype)
+    bias = torch.randn(out_features, generator=gen).to(dtype)
+    linear = PackedLinear(weight, bias)
+    x = torch.randn(33, in_features, generator=gen).to(dtype)
+    full = linear(x)  # [33, out]
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert (full.float() - F.linear(x.float(), weight.float(), bias.float())).abs().max().item() <= tol
+    for rows in (1, 2, 5, 16):
+        assert torch.equal(linear(x[:rows]), full[:rows]), rows
+    assert linear(x[0]).shape == (out_features,)  # a 1-D input keeps its shape
+    assert torch.equal(linear(x[0]), full[0])

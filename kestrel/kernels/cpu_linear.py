@@ -13,8 +13,8 @@ many rows there are; a single row can take another path (seen with K = 1536),
 so one row is computed as two. A request's matmuls then give the same numbers
 alone or batched (attention is another matter: see attention/torch_backend.py).
 
-`PackedLinear` is built by a linear layer after its weights are loaded
-(`pack_weights`); `packing_supported` says whether a dtype/device can use it.
+`pack(weight, bias)` is called by a linear layer after its weights are loaded
+(`pack_weights`); it returns None where the dtype/device cannot use oneDNN.
 The packed weight is an opaque oneDNN tensor: the plain weight may be dropped.
 """
 
@@ -38,6 +38,13 @@ def packing_supported(dtype: torch.dtype, device: torch.device) -> bool:
     if dtype == torch.bfloat16:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     return False
+
+
+def pack(weight: torch.Tensor, bias: torch.Tensor | None = None) -> PackedLinear | None:
+    """A packed kernel for weight [out, in] (+ bias), or None where packing is not supported."""
+    if not packing_supported(weight.dtype, weight.device):
+        return None
+    return PackedLinear(weight, bias)
 
 
 @functools.cache

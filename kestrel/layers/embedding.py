@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kestrel.distributed.parallel_state import all_gather_last_dim, all_reduce, tp_rank, tp_size
-from kestrel.kernels.cpu_linear import PackedLinear, packing_supported
+from kestrel.kernels.cpu_linear import PackedLinear, pack
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -47,10 +47,10 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def pack_weights(self) -> bool:
         """Use a pre-packed CPU kernel; the weight stays (it may be the embedding's too)."""
-        if self.kernel is not None or not packing_supported(self.weight.dtype, self.weight.device):
+        if self.kernel is not None:
             return False
-        self.kernel = PackedLinear(self.weight)
-        return True
+        self.kernel = pack(self.weight)
+        return self.kernel is not None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [R, hidden] -> logits [R, vocab]

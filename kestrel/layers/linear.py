@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kestrel.distributed.parallel_state import all_reduce, tp_rank, tp_size
-from kestrel.kernels.cpu_linear import PackedLinear, packing_supported
+from kestrel.kernels.cpu_linear import PackedLinear, pack
 
 
 def _divide(a: int, b: int) -> int:
@@ -31,9 +31,11 @@ class _PackableLinear(nn.Module):
     kernel: PackedLinear | None = None
 
     def _pack(self, with_bias: bool) -> bool:
-        if self.kernel is not None or not packing_supported(self.weight.dtype, self.weight.device):
+        if self.kernel is not None:
             return False
-        self.kernel = PackedLinear(self.weight, self.bias if with_bias else None)
+        self.kernel = pack(self.weight, self.bias if with_bias else None)
+        if self.kernel is None:
+            return False
         self.weight.data = torch.empty(0, dtype=self.weight.dtype, device=self.weight.device)
         return True
 

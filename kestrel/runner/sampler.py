@@ -130,22 +130,25 @@ class Sampler:
             _apply_top_k_(logits, knobs[:, _TOP_K], batch.max_top_k)
         probs = logits.softmax(dim=-1)  # [num_rows, vocab]
         seeded = dict(batch.seeded_rows)
-        tokens = self._draw(probs, list(range(probs.shape[0])), seeded)
+        tokens = self._draw(probs, None, seeded)
         if batch.has_top_p:
             sampled = knobs[:, _TEMP] >= _GREEDY_EPS
             self._redraw_outside_top_p_(probs, knobs[:, _TOP_P], sampled, tokens, seeded)
         return tokens
 
-    def _draw(self, probs: torch.Tensor, rows: list[int], seeded: dict[int, torch.Generator]) -> torch.Tensor:
-        """Inverse-CDF draw of one token per row of `probs` [len(rows), vocab] (need not sum to 1).
+    def _draw(self, probs: torch.Tensor, rows: list[int] | None,
+              seeded: dict[int, torch.Generator]) -> torch.Tensor:
+        """Inverse-CDF draw of one token per row of `probs` [n, vocab] (rows need not sum to 1).
 
-        `rows` are the batch rows these are; a seeded row draws its uniform from its own generator.
+        `rows` are the batch rows these are (None: all of them, in order); a seeded row draws its
+        uniform from its own generator.
         """
         cdf = probs.cumsum(dim=-1)  # [n, vocab]
-        u = torch.rand(len(rows), device=probs.device, generator=self._shared_generator(probs.device))
-        for i, row in enumerate(rows):  # the only per-row loop: one number per seeded row
-            generator = seeded.get(row)
-            if generator is not None:
+        u = torch.rand(cdf.shape[0], device=probs.device, generator=self._shared_generator(probs.device))
+        position = None if rows is None else {row: i for i, row in enumerate(rows)}
+        for row, generator in seeded.items():  # the only per-row loop: one number per seeded row
+            i = row if position is None else position.get(row)
+            if i is not None:
                 u[i] = torch.rand(1, device=probs.device, generator=generator)[0]
         # The first token whose cumulative probability reaches (1 - u) * total, with 1 - u in (0, 1]:
         # token i with probability p_i, and never a token of probability 0 (a flat step of the cdf).

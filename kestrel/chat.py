@@ -67,22 +67,30 @@ class ChatSession:
 
     def reply(self, user_text: str, on_text: Callable[[str], None]) -> str:
         """Answer one user message, calling `on_text` with each piece of text as it is ready."""
-        from kestrel.frontend.detokenizer import IncrementalDetokenizer
+        from kestrel.frontend.output_processor import OutputProcessor
 
         self.history.append({"role": "user", "content": user_text})
         prompt_ids = self._fit_prompt()
         room = self.engine.max_model_len - len(prompt_ids)
         params = replace(self.params, max_tokens=min(self.params.max_tokens or room, room))
         request_id = f"chat-{next(self._ids)}"
-        detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop, params.skip_special_tokens)
+        outputs = OutputProcessor(self.tokenizer)
+        outputs.add_request(request_id, prompt_ids, params)
         self.engine.add_request(request_id, prompt_ids, params)
+        parts: list[str] = []
+
+        def show(text: str) -> None:
+            parts.append(text)
+            on_text(text)
+
         try:
-            self._generate(request_id, detok, on_text)
+            self._generate(request_id, outputs, show)
         except KeyboardInterrupt:
             self.engine.abort_request(request_id)
             on_text(" [stopped]")
-        self.history.append({"role": "assistant", "content": detok.output_text})
-        return detok.output_text
+        answer = "".join(parts)
+        self.history.append({"role": "assistant", "content": answer})
+        return answer
 
     def repl(self, read: Callable[[str], str] = input, write: Callable[[str], None] | None = None) -> None:
         """Read-eval-print loop until /exit or end of input."""
@@ -108,18 +116,16 @@ class ChatSession:
                 write("\n")
 
     # ---- helpers -------------------------------------------------------------
-    def _generate(self, request_id: str, detok, on_text: Callable[[str], None]) -> None:
+    def _generate(self, request_id: str, outputs, on_text: Callable[[str], None]) -> None:
         while self.engine.has_unfinished_requests():
             for out in self.engine.step():
-                if out.request_id != request_id:
+                delta = outputs.process(out)
+                if delta is None:
                     continue
-                delta = detok.add_tokens(out.new_token_ids)
                 on_text(delta.text)
-                if delta.stop_str is not None:
+                if outputs.needs_abort(out, delta):
                     self.engine.abort_request(request_id)
-                    return
-                if out.finish_reason is not None:
-                    on_text(detok.flush())
+                if delta.finish_reason is not None:
                     return
 
     def _fit_prompt(self) -> list[int]:

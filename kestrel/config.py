@@ -4,7 +4,7 @@
 dict a GGUF file's metadata is turned into). `EngineConfig` is what the user
 chose (model path, dtype, memory and batching limits). Nothing here mutates
 after construction; derived values are properties. No torch import: dtypes are
-names (strings) resolved by the runner.
+names (strings) resolved by the worker.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+ATTENTION_BACKENDS = ("torch",)
+EXECUTOR_BACKENDS = ("uni", "mp")
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,8 +57,14 @@ class ModelConfig:
         return dict(self.rope_scaling) if self.rope_scaling else None
 
     @classmethod
-    def from_hf_config(cls, cfg: dict, extra_eos_ids: tuple[int, ...] = ()) -> ModelConfig:
-        """Build from a config.json dict; raise ValueError for what we cannot run."""
+    def from_hf_config(cls, cfg: dict, extra_eos_ids: tuple[int, ...] = (),
+                       defaults: dict | None = None) -> ModelConfig:
+        """Build from a config.json dict; raise ValueError for what we cannot run.
+
+        `defaults` are what the architecture implies for fields config.json leaves out (the model
+        class's `config_defaults`, e.g. Qwen2's q/k/v bias).
+        """
+        defaults = defaults or {}
         archs = cfg.get("architectures") or []
         if not archs:
             raise ValueError("config.json has no 'architectures' entry; cannot pick a model class.")
@@ -87,7 +95,7 @@ class ModelConfig:
             rope_scaling=tuple(sorted(rope_scaling.items())) if rope_scaling else None,
             max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            attention_bias=bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2")),
+            attention_bias=bool(cfg.get("attention_bias", defaults.get("attention_bias", False))),
             eos_token_ids=eos_ids,
             bos_token_id=cfg.get("bos_token_id"),
             torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
@@ -130,6 +138,10 @@ class EngineConfig:
     """CPU threads for torch; None leaves torch's default."""
     prepack_weights: bool = True
     """CPU: reorder linear weights once for oneDNN (2-4x faster matmuls; same maths to float rounding)."""
+    attention_backend: str = "torch"
+    """Attention implementation (`kestrel.attention.create_backend`): torch (the reference, any device)."""
+    distributed_executor_backend: str = "uni"
+    """uni: the worker runs in the engine's process; mp: in a child process (step batches cross as bytes)."""
     show_progress: bool = True
 
     def __post_init__(self) -> None:
@@ -137,6 +149,12 @@ class EngineConfig:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}.")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
+                             f"got {self.attention_backend!r}.")
+        if self.distributed_executor_backend not in EXECUTOR_BACKENDS:
+            raise ValueError(f"distributed_executor_backend must be one of {', '.join(EXECUTOR_BACKENDS)}, "
+                             f"got {self.distributed_executor_backend!r}.")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}.")
         if self.max_num_batched_tokens < 1:

@@ -20,9 +20,9 @@ from tqdm import tqdm
 
 from kestrel.config import EngineConfig
 from kestrel.engine import Engine
-from kestrel.frontend.detokenizer import IncrementalDetokenizer
+from kestrel.frontend.output_processor import OutputProcessor, logprob_dicts
 from kestrel.frontend.tokenizer import apply_chat_template, load_tokenizer
-from kestrel.outputs import CompletionOutput, EngineOutput, Logprob, RequestOutput
+from kestrel.outputs import CompletionOutput, EngineOutput, RequestOutput
 from kestrel.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -33,12 +33,11 @@ _VLLM_ONLY_ARGS = {"gpu_memory_utilization", "enforce_eager", "trust_remote_code
 
 
 @dataclass(slots=True)
-class _Pending:
-    """Book-keeping for one engine request (one of the n completions of a prompt)."""
+class _Completion:
+    """One engine request: one of the n completions of a prompt, and the output it fills."""
 
     output: RequestOutput
     completion: CompletionOutput
-    detok: IncrementalDetokenizer
 
 
 class LLM:
@@ -55,6 +54,7 @@ class LLM:
         self.config = EngineConfig(model=model, tokenizer=tokenizer, dtype=dtype, **kwargs)
         self.engine = Engine(self.config)
         self.tokenizer = load_tokenizer(tokenizer or self.engine.model_path)
+        self._outputs = OutputProcessor(self.tokenizer)
         self._next_id = 0
 
     @classmethod
@@ -96,7 +96,7 @@ class LLM:
     def _run(self, encoded: list[tuple[str | None, list[int]]], sampling_params, use_tqdm: bool):
         params_list = self._params_per_prompt(sampling_params, len(encoded))
         outputs: list[RequestOutput] = []
-        pending: dict[str, _Pending] = {}
+        pending: dict[str, _Completion] = {}
         try:
             for (text, ids), params in zip(encoded, params_list):
                 outputs.append(self._add(text, ids, params, pending))
@@ -109,51 +109,43 @@ class LLM:
         finally:
             for rid in pending:
                 self.engine.abort_request(rid)  # no-op for finished ones; cleans up on errors
+                self._outputs.remove(rid)
         return outputs
 
-    def _add(self, text, ids, params: SamplingParams, pending: dict[str, _Pending]) -> RequestOutput:
+    def _add(self, text, ids, params: SamplingParams, pending: dict[str, _Completion]) -> RequestOutput:
         base_id = str(self._next_id)
         self._next_id += 1
         out = RequestOutput(base_id, text, ids)
         for i in range(params.n):
-            child = params if params.n == 1 or params.seed is None else params.with_seed(params.seed + i)
+            child = params.for_completion(i)
             rid = base_id if params.n == 1 else f"{base_id}-{i}"
             self.engine.add_request(rid, ids, child)
+            self._outputs.add_request(rid, ids, child)
             comp = CompletionOutput(i, "", [], None, [] if params.logprobs is not None else None)
             out.outputs.append(comp)
-            pending[rid] = _Pending(out, comp, IncrementalDetokenizer(
-                self.tokenizer, ids, params.stop, params.skip_special_tokens, params.include_stop_str_in_output))
+            pending[rid] = _Completion(out, comp)
         return out
 
-    def _on_output(self, eo: EngineOutput, pending: dict[str, _Pending]) -> bool:
+    def _on_output(self, eo: EngineOutput, pending: dict[str, _Completion]) -> bool:
         """Apply one engine delta; True when this completion just finished."""
+        delta = self._outputs.process(eo)
+        if delta is None:
+            return False
         p = pending[eo.request_id]
         comp = p.completion
-        if comp.finish_reason is not None:
-            return False
-        comp.token_ids.extend(eo.new_token_ids)
-        if eo.new_logprobs and comp.logprobs is not None:
-            comp.logprobs.extend(self._decode_logprobs(eo.new_logprobs))
-        delta = p.detok.add_tokens(eo.new_token_ids)
-        if delta.stop_str is not None:
+        if self._outputs.needs_abort(eo, delta):
             self.engine.abort_request(eo.request_id)
-            comp.finish_reason, comp.stop_reason = "stop", delta.stop_str
-        elif eo.finish_reason is not None:
-            p.detok.flush()
-            comp.finish_reason, comp.stop_reason = eo.finish_reason, eo.stop_token_id
-            if eo.stop_token_id is not None and eo.stop_token_id in self.engine.model_config.eos_token_ids:
-                comp.stop_reason = None
-        comp.text = p.detok.output_text
-        if comp.finish_reason is None:
+        comp.token_ids.extend(delta.token_ids)
+        if delta.logprobs and comp.logprobs is not None:
+            comp.logprobs.extend(logprob_dicts(delta.logprobs))
+        comp.text += delta.text
+        if delta.finish_reason is None:
             return False
+        comp.finish_reason, comp.stop_reason = delta.finish_reason, delta.stop_reason
         if comp.logprobs:
             comp.cumulative_logprob = sum(lp[t].logprob for lp, t in zip(comp.logprobs, comp.token_ids))
         p.output.finished = all(c.finish_reason is not None for c in p.output.outputs)
         return True
-
-    def _decode_logprobs(self, records):
-        return [{t: Logprob(lp.logprob, lp.rank, self.tokenizer.decode([t])) for t, lp in rec.items()}
-                for rec in records]
 
     def _encode(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):

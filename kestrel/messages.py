@@ -103,6 +103,8 @@ class TopLogprob(_Message, tag=False):
     token: str
     """The token decoded on its own (may be U+FFFD for a partial UTF-8 character)."""
     logprob: float
+    rank: int = 0
+    """1 = most likely under the raw model distribution."""
 
 
 class PositionLogprobs(_Message, tag=False):

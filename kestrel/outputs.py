@@ -52,3 +52,14 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
+
+
+def logprob_record(logprobs: list[float], token_ids: list[int], rank: int, num_top: int) -> TokenLogprobs:
+    """One position's record from a sampler row: the chosen token (column 0, with its rank) and the top `num_top`.
+
+    `logprobs` / `token_ids` hold the chosen token first, then the top-k best first (k >= num_top).
+    """
+    record = {token_ids[0]: Logprob(logprobs[0], rank)}
+    for j in range(1, num_top + 1):
+        record.setdefault(token_ids[j], Logprob(logprobs[j], j))
+    return record

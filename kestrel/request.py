@@ -47,7 +47,7 @@ class Request:
     """The EOS / stop token id that finished the request, if any."""
     num_preemptions: int = 0
     logprobs: list = field(default_factory=list)
-    """Per generated token: the runner's logprob record (only when params.logprobs is set)."""
+    """Per generated token: the sampler's logprob record (only when params.logprobs is set)."""
 
     @classmethod
     def new(cls, request_id: str, prompt_token_ids: list[int], params: SamplingParams,

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-_EPS = 1e-5
+_GREEDY_TEMPERATURE = 1e-5
+"""Temperatures below this are greedy: `SamplingParams.is_greedy` is the one definition."""
+_SEED_SPAN = 2**64
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,10 +97,29 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature < _EPS
+        return self.temperature < _GREEDY_TEMPERATURE
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.repetition_penalty != 1 or self.frequency_penalty != 0 or self.presence_penalty != 0
 
     def with_seed(self, seed: int | None) -> SamplingParams:
         return replace(self, seed=seed)
+
+    def for_completion(self, index: int) -> SamplingParams:
+        """The params of completion `index` of the n: n=1 and, when seeded, seed + index.
+
+        The one place `n` is expanded (offline `LLM` and server alike), so choice i of a seeded request
+        is the same tokens as a request with seed + i. Seeds wrap to stay inside the accepted range.
+        """
+        if self.n == 1 and index == 0:
+            return self
+        seed = self.seed
+        if seed is not None:
+            seed += index
+            if seed > _SEED_SPAN - 1:
+                seed -= _SEED_SPAN
+        return replace(self, n=1, seed=seed)
 
 
 def _check_int(name: str, value, lo: int | None, hi: int | None, note: str = "") -> None:

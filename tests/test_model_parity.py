@@ -6,15 +6,18 @@ Runs Kestrel's model on a flat batch of several prompts of different lengths
 
 from __future__ import annotations
 
+import functools
+import itertools
+
 import pytest
 import torch
 
-from kestrel.attention.backend import AttentionContext, BatchLayout
-from kestrel.attention.torch_backend import TorchAttentionBackend
+from kestrel.attention import AttentionContext, BatchLayout, create_backend
 from kestrel.kvcache.manager import KVCacheManager
 from kestrel.kvcache.pool import KVPool
 from kestrel.kernels.cpu_linear import packing_supported
 from kestrel.models.loader import build_model, load_model_config, pack_weights
+from kestrel.worker.slot_table import SlotTable
 from tests.conftest import make_tiny_hf_model
 
 TOL = 1e-3
@@ -31,7 +34,9 @@ class TinyRunner:
             assert pack_weights(self.model) == 4 * self.cfg.num_layers + 1
         self.pool = KVPool(self.cfg.num_layers, 4096, self.cfg.num_kv_heads, self.cfg.head_dim, dtype, "cpu")
         self.kv = KVCacheManager(4096, 8, 256)
-        self.backend = TorchAttentionBackend()
+        self.table = SlotTable(8, 256, torch.device("cpu"))
+        self.backend = create_backend("torch", num_heads=self.cfg.num_heads, num_kv_heads=self.cfg.num_kv_heads,
+                                      head_dim=self.cfg.head_dim, max_model_len=256, device="cpu")
 
     @torch.inference_mode()
     def run(self, chunks: list[tuple[str, list[int], int]]) -> list[torch.Tensor]:
@@ -39,16 +44,18 @@ class TinyRunner:
         ids, pos, slots, rows, q_lens, s_lens = [], [], [], [], [], []
         for rid, toks, start in chunks:
             assert self.kv.allocate(rid, len(toks))
-            row = self.kv.row_of(rid)
             ids += toks
             pos += list(range(start, start + len(toks)))
-            slots.append(self.kv.req_to_token[row, start:start + len(toks)])
-            rows.append(row)
+            slots += self.kv.slots_of(rid)[start:start + len(toks)]
+            rows.append(self.kv.row_of(rid))
             q_lens.append(len(toks))
             s_lens.append(start + len(toks))
-        layout = BatchLayout(q_lens, s_lens, torch.tensor(rows), self.kv.req_to_token, torch.cat(slots))
-        ctx = AttentionContext(self.backend, self.backend.prepare(layout),
-                               [self.pool.layer(i) for i in range(self.cfg.num_layers)])
+        w = self.kv.take_table_writes()
+        self.table.write(*(torch.tensor(x, dtype=torch.int32) for x in (w.rows, w.positions, w.slots)))
+        as_i32 = functools.partial(torch.tensor, dtype=torch.int32)
+        layout = BatchLayout(q_lens, s_lens, as_i32([0, *itertools.accumulate(q_lens)]), as_i32(s_lens), as_i32(rows),
+                             self.table.table, as_i32(slots))
+        ctx = AttentionContext(self.backend, self.backend.prepare(layout), self.pool.layers())
         hidden = self.model(torch.tensor(ids), torch.tensor(pos), ctx)
         logits = self.model.compute_logits(hidden).float()
         return list(logits.split(q_lens))

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from kestrel.runner.sampler import Sampler, SamplerOutput, SamplingRow, _penalize_, _summarize
+from kestrel.worker.logits_processors import Penalties
+from kestrel.worker.sampler import Knobs, Sampler, SamplerOutput, SamplingRow
 from kestrel.sampling_params import SamplingParams
 
 
@@ -162,6 +163,13 @@ def test_mixed_batch_keeps_each_rows_semantics():
 # ----------------------------------------------------------------------------------- penalties
 
 
+def _penalize_(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+    """The penalty stage alone, as the sampler runs it."""
+    prepared = Sampler().prepare(rows, logits.device)
+    knobs = Knobs(*prepared.knob_table.unbind(1))
+    Penalties().apply_(logits, Penalties().prepare(rows, logits.device), knobs)
+
+
 def _reference_penalize(logits: list[float], row: SamplingRow) -> list[float]:
     """Plain-Python blocked ids -> repetition (prompt + output) -> frequency / presence (output)."""
     p = row.params
@@ -201,7 +209,7 @@ def test_penalties_match_python_reference():
 
         # The penalty stage alone, exactly (blocked ids are a separate stage: drop them here).
         staged = logits.clone()
-        _penalize_(staged, rows, _summarize(rows).knobs)
+        _penalize_(staged, rows)
         no_block = torch.tensor(
             [_reference_penalize(lg, r._replace(blocked_token_ids=())) for lg, r in zip(logits.tolist(), rows)]
         )
@@ -229,7 +237,7 @@ def test_frequency_penalty_scales_with_count_and_negative_logits_are_multiplied(
     logits = torch.tensor([[2.0, 1.0, -1.0]])
     row = _row(SamplingParams(repetition_penalty=2.0, frequency_penalty=0.3), output=[0, 0, 2])
     staged = logits.clone()
-    _penalize_(staged, [row], _summarize([row]).knobs)
+    _penalize_(staged, [row])
     torch.testing.assert_close(staged, torch.tensor([[2.0 / 2 - 0.6, 1.0, -1.0 * 2 - 0.3]]))
 
 

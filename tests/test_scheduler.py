@@ -8,9 +8,15 @@ import pytest
 
 from kestrel.kvcache.allocator import SlotAllocator
 from kestrel.kvcache.manager import KVCacheManager
-from kestrel.request import FinishReason, Request
+from kestrel.request import Request
 from kestrel.sampling_params import SamplingParams
 from kestrel.scheduler import Scheduler
+from kestrel.step_batch import StepResult
+from kestrel.stop_rules import StopRules
+
+
+def _scheduler(kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int) -> Scheduler:
+    return Scheduler(kv, StopRules((), kv.max_model_len), max_num_seqs, max_num_batched_tokens)
 
 
 def _simulate(seed: int, num_slots: int, budget: int, max_seqs: int, num_reqs: int,
@@ -19,7 +25,7 @@ def _simulate(seed: int, num_slots: int, budget: int, max_seqs: int, num_reqs: i
     req_len = req_len or num_slots
     rng = random.Random(seed)
     kv = KVCacheManager(num_slots, max_seqs, max_model_len=num_slots)
-    sched = Scheduler(kv, max_seqs, budget)
+    sched = _scheduler(kv, max_seqs, budget)
     reqs = []
     for i in range(num_reqs):
         prompt = [1] * rng.randrange(1, req_len // 2)
@@ -37,13 +43,9 @@ def _simulate(seed: int, num_slots: int, budget: int, max_seqs: int, num_reqs: i
         for req, n in out.scheduled:
             assert n > 0 and req.num_computed_tokens + n <= req.num_tokens
             assert kv.num_slots_of(req.request_id) >= req.num_computed_tokens + n
-            req.num_computed_tokens += n
-            if req.num_computed_tokens == req.num_tokens:
-                req.token_ids.append(7)
-                if req.num_output_tokens >= req.params.max_tokens:
-                    sched.finish(req, FinishReason.LENGTH)
+        sched.update(out, StepResult([7] * len(out.sampled)))  # max_tokens finishes requests
         if sched.running and rng.random() < 0.02:  # a client goes away
-            sched.finish(rng.choice(sched.running), FinishReason.ABORT)
+            sched.abort(rng.choice(sched.running).request_id)
         kv.check_integrity()
     assert not pending and not sched.has_unfinished, "workload did not drain (livelock?)"
     assert kv.num_free_slots == num_slots
@@ -64,7 +66,7 @@ def test_roomy_pool_never_preempts():
 
 def test_chunked_prefill_respects_budget_and_decodes_go_first():
     kv = KVCacheManager(1000, 8, 1000)
-    sched = Scheduler(kv, max_num_seqs=8, max_num_batched_tokens=10)
+    sched = _scheduler(kv, max_num_seqs=8, max_num_batched_tokens=10)
     a = Request.new("a", [1] * 25, SamplingParams(), 0)
     sched.add(a)
     chunks = []
@@ -82,7 +84,7 @@ def test_chunked_prefill_respects_budget_and_decodes_go_first():
 
 def test_preempts_newest_and_requeues_it_first():
     kv = KVCacheManager(10, 4, 10)
-    sched = Scheduler(kv, max_num_seqs=4, max_num_batched_tokens=100)
+    sched = _scheduler(kv, max_num_seqs=4, max_num_batched_tokens=100)
     old, new = Request.new("old", [1] * 5, SamplingParams(), 0), Request.new("new", [1] * 5, SamplingParams(), 1)
     sched.add(old)
     sched.add(new)

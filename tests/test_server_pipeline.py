@@ -124,7 +124,7 @@ def test_a_failing_step_fails_its_requests_but_not_the_loop(harness, monkeypatch
     harness.send(AddRequest("c", [5, 6], _greedy(3)))
     assert len(_outputs(harness.run_until_idle())["c"]) == 3
     harness.loop.engine.check_integrity()
-    assert harness.loop.engine.kv.num_free_slots == 512
+    assert harness.loop.engine.kv_manager.num_free_slots == 512
 
 
 # ---- detokenizer stage -----------------------------------------------------------------

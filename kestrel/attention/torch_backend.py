@@ -21,10 +21,11 @@ import torch.nn.functional as F
 
 from kestrel.attention.backend import BatchLayout
 
+
 @dataclass(frozen=True, slots=True)
 class DecodeGroup:
     token_index: torch.Tensor  # [Rd] int64: flat positions of the decode tokens
-    kv_index: torch.Tensor     # [Rd, L] int64 cache slots, L the longest (padding -> masked)
+    kv_index: torch.Tensor     # [Rd, L] int32 cache slots, L the longest (padding -> masked)
     mask: torch.Tensor         # [Rd, 1, 1, L] bool, True = attend
 
 
@@ -32,21 +33,29 @@ class DecodeGroup:
 class PrefillChunk:
     start: int                 # first flat token of the chunk
     num_tokens: int            # Q
-    kv_index: torch.Tensor     # [S] int64 cache slots of all its positions
+    kv_index: torch.Tensor     # [S] int32 cache slots of all its positions
     mask: torch.Tensor | None  # [Q, S] bool when S > Q (context cached); None: plain causal
 
 
 @dataclass(frozen=True, slots=True)
 class TorchAttentionMeta:
-    slot_mapping: torch.Tensor  # [T] int64
+    slot_mapping: torch.Tensor  # [T] int32; -1 (padding) lands in the pool's spare last slot
     decodes: DecodeGroup | None
     prefills: tuple[PrefillChunk, ...]
 
 
 class TorchAttentionBackend:
+    """Reference backend: SDPA over keys gathered from the cache (see the module docstring)."""
+
+    name = "torch"
+
+    def __init__(self, *, num_heads: int, num_kv_heads: int, head_dim: int, max_model_len: int,
+                 device: torch.device | str) -> None:
+        self.max_model_len = max_model_len
+        self.device = torch.device(device)
+
     def prepare(self, layout: BatchLayout) -> TorchAttentionMeta:
         device = layout.slot_mapping.device
-        table = layout.req_to_token
         decode_tokens, decode_reqs, prefills = [], [], []
         start = 0
         for r, (q, s) in enumerate(zip(layout.query_lens, layout.seq_lens)):
@@ -54,7 +63,7 @@ class TorchAttentionBackend:
                 decode_tokens.append(start)
                 decode_reqs.append(r)
             else:
-                kv_index = table[layout.req_rows[r], :s]
+                kv_index = layout.slot_table[layout.req_rows[r], :s]
                 mask = None
                 if s > q:
                     qpos = torch.arange(s - q, s, device=device).view(-1, 1)
@@ -66,12 +75,35 @@ class TorchAttentionBackend:
             decodes = self._decode_group(layout, decode_tokens, decode_reqs, device)
         return TorchAttentionMeta(layout.slot_mapping, decodes, tuple(prefills))
 
+    def graph_metadata(self, max_batch_size: int, slot_table: torch.Tensor) -> TorchAttentionMeta:
+        """Static decode buffers as wide as the context (slow, but shape-stable for graph capture)."""
+        b, width, dev = max_batch_size, self.max_model_len, self.device
+        group = DecodeGroup(torch.arange(b, device=dev),
+                            torch.zeros(b, width, dtype=torch.int32, device=dev),
+                            torch.zeros(b, 1, 1, width, dtype=torch.bool, device=dev))
+        group.mask[:, ..., 0] = True  # a padding row attends one key, so its softmax stays finite
+        return TorchAttentionMeta(torch.full((b,), -1, dtype=torch.int32, device=dev), group, ())
+
+    def update_graph_metadata(self, meta: TorchAttentionMeta, layout: BatchLayout) -> None:
+        if not layout.is_decode_only:
+            raise ValueError("graph metadata describes decode steps (one token per request) only")
+        group, r = meta.decodes, layout.num_reqs
+        meta.slot_mapping.fill_(-1)
+        meta.slot_mapping[:r].copy_(layout.slot_mapping)
+        group.kv_index.zero_()
+        group.kv_index[:r].copy_(layout.slot_table.index_select(0, layout.req_rows))
+        positions = torch.arange(self.max_model_len, device=self.device).view(1, -1)
+        group.mask.zero_()
+        group.mask[:, ..., 0] = True
+        group.mask[:r].copy_((positions < layout.seq_lens_t.view(-1, 1)).view(r, 1, 1, -1))
+
     @staticmethod
     def _decode_group(layout: BatchLayout, tokens: list[int], reqs: list[int],
                       device: torch.device) -> DecodeGroup:
         s_lens = [layout.seq_lens[r] for r in reqs]
         width = max(s_lens)
-        kv_index = layout.req_to_token[layout.req_rows[reqs], :width]  # [Rd, L]
+        rows = layout.req_rows[reqs] if len(reqs) < layout.num_reqs else layout.req_rows
+        kv_index = layout.slot_table.index_select(0, rows)[:, :width]  # [Rd, L]
         s_len_t = torch.tensor(s_lens, device=device).view(-1, 1)
         mask = torch.arange(width, device=device).view(1, -1) < s_len_t  # [Rd, L]
         # Padding keys point at the row's first key's slot; the mask hides them.

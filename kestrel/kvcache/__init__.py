@@ -1,1 +1,1 @@
-"""KV memory: slot allocator (bookkeeping), request->slot table, and the tensor pool."""
+"""KV memory: slot allocator and prefix cache (bookkeeping), request->slot holdings, and the tensor pool."""

@@ -1,29 +1,48 @@
-"""Which KV slots each request owns: the request->slot table and the allocator.
+"""Which KV slots each running request holds, and the slot-table entries that changed.
 
-`req_to_token[row, position] -> kv slot` is the table attention reads (a CPU
-int64 tensor here; the runner copies the rows a step needs to the device). Each
-running request owns one row. The scheduler calls `allocate` before a step
-and `free` when a request finishes or is preempted.
+A running request owns one row of the slot table (`table[row, position] -> slot`, kept on the
+worker's device) and a list of slots, one per position it has KV for: first the prefix it matched
+in the prefix cache (owned by the cache, locked while the request runs), then slots of its own.
+This manager is pure bookkeeping (no tensors): it records every table entry it assigns and hands
+them out once per step (`take_table_writes`) so the worker updates its table incrementally.
 
-Contract: a request's slots for positions [0, num_slots(req)) are valid in its
-row; `allocate` either grants all requested slots or changes nothing.
+Contract: `allocate` grants all requested slots or changes nothing (after asking the prefix cache
+to evict when the pool is short); `free` returns a request's slots to the prefix cache, which keeps
+or frees them. `check_integrity` asserts that free + cached + in use == total, each slot once.
 """
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from kestrel.kvcache.allocator import SlotAllocator
+from kestrel.kvcache.prefix_cache import EMPTY_HIT, NoPrefixCache, PrefixCache, PrefixHit
+from kestrel.step_batch import TableWrites
+
+
+@dataclass(slots=True)
+class _Holding:
+    """What one request holds."""
+
+    row: int
+    slots: list[int] = field(default_factory=list)
+    """One per position with KV: the prefix hit's slots, then the request's own."""
+    prefix: PrefixHit = EMPTY_HIT
+    """The locked prefix-cache hit its first positions come from."""
 
 
 class KVCacheManager:
-    def __init__(self, num_slots: int, max_num_reqs: int, max_model_len: int) -> None:
+    def __init__(self, num_slots: int, max_num_seqs: int, max_model_len: int,
+                 prefix_cache: PrefixCache | None = None) -> None:
         self.allocator = SlotAllocator(num_slots)
+        self.prefix_cache: PrefixCache = prefix_cache or NoPrefixCache(self.allocator)
+        self.max_num_seqs = max_num_seqs
         self.max_model_len = max_model_len
-        self.req_to_token = torch.zeros(max_num_reqs, max_model_len, dtype=torch.int64)
-        self._free_rows: list[int] = list(range(max_num_reqs - 1, -1, -1))
-        self._row: dict[str, int] = {}
-        self._num_slots: dict[str, int] = {}
+        self._free_rows: list[int] = list(range(max_num_seqs - 1, -1, -1))
+        self._held: dict[str, _Holding] = {}
+        self._writes: list[tuple[int, int, list[int]]] = []
+        """(row, first position, slots) assigned since the last `take_table_writes`."""
 
     @property
     def num_slots(self) -> int:
@@ -34,45 +53,87 @@ class KVCacheManager:
         return self.allocator.num_free
 
     def num_slots_of(self, request_id: str) -> int:
-        return self._num_slots.get(request_id, 0)
+        held = self._held.get(request_id)
+        return 0 if held is None else len(held.slots)
+
+    def slots_of(self, request_id: str) -> list[int]:
+        """The request's slots by position (do not modify)."""
+        return self._held[request_id].slots
 
     def row_of(self, request_id: str) -> int:
-        return self._row[request_id]
+        return self._held[request_id].row
 
-    def allocate(self, request_id: str, num_new: int) -> bool:
-        """Give the request `num_new` more slots (positions continue after its last one)."""
-        start = self._num_slots.get(request_id, 0)
+    def match(self, token_ids: Sequence[int]) -> PrefixHit:
+        """The longest cached prefix of `token_ids`; pass it to the request's first `allocate`."""
+        return self.prefix_cache.match(token_ids)
+
+    def allocate(self, request_id: str, num_new: int, prefix: PrefixHit = EMPTY_HIT) -> bool:
+        """Give the request `num_new` more slots (after `prefix`, on its first allocation); all or nothing."""
+        held = self._held.get(request_id)
+        start = prefix.num_tokens if held is None else len(held.slots)
+        if held is not None and prefix.num_tokens:
+            raise ValueError(f"request {request_id} already holds slots; a prefix hit comes with the first allocation")
         if start + num_new > self.max_model_len:
             raise ValueError(f"request {request_id} would exceed max_model_len {self.max_model_len}")
-        if request_id not in self._row and not self._free_rows:
+        if held is None and not self._free_rows:
             return False
+        self.prefix_cache.lock(prefix.handle)  # before evicting, so the hit itself survives
+        shortfall = num_new - self.allocator.num_free
+        if shortfall > 0:
+            self.prefix_cache.evict(shortfall)
         slots = self.allocator.allocate(num_new)
         if slots is None:
+            self.prefix_cache.unlock(prefix.handle)
             return False
-        if request_id not in self._row:
-            self._row[request_id] = self._free_rows.pop()
-        row = self._row[request_id]
+        if held is None:
+            held = self._held[request_id] = _Holding(self._free_rows.pop(), list(prefix.slots), prefix)
+            if prefix.num_tokens:
+                self._writes.append((held.row, 0, list(prefix.slots)))
         if slots:
-            self.req_to_token[row, start:start + num_new] = torch.tensor(slots, dtype=torch.int64)
-        self._num_slots[request_id] = start + num_new
+            self._writes.append((held.row, start, slots))
+            held.slots.extend(slots)
         return True
 
-    def free(self, request_id: str) -> None:
-        """Release all of the request's slots and its row (no-op if it holds none)."""
-        row = self._row.pop(request_id, None)
-        n = self._num_slots.pop(request_id, 0)
-        if row is None:
+    def free(self, request_id: str, computed_token_ids: Sequence[int] = ()) -> None:
+        """Release the request's row and slots; no-op if it holds none.
+
+        `computed_token_ids` are the tokens whose KV the request computed (a prefix of its tokens):
+        the prefix cache may keep their slots. Slots past them are freed.
+        """
+        held = self._held.pop(request_id, None)
+        if held is None:
             return
-        self.allocator.free(self.req_to_token[row, :n].tolist())
-        self._free_rows.append(row)
+        n = min(len(computed_token_ids), len(held.slots))
+        self.prefix_cache.insert(computed_token_ids[:n], held.slots[:n])
+        own_tail = held.slots[max(n, held.prefix.num_tokens):]
+        self.allocator.free(own_tail)
+        self.prefix_cache.unlock(held.prefix.handle)
+        self._free_rows.append(held.row)
+        if self._writes:  # entries of a row freed in the same step must not reach the table late
+            self._writes = [w for w in self._writes if w[0] != held.row]
+
+    def take_table_writes(self) -> TableWrites:
+        """Every table entry assigned since the last call, flattened, in order."""
+        rows: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        for row, start, new in self._writes:
+            rows.extend([row] * len(new))
+            positions.extend(range(start, start + len(new)))
+            slots.extend(new)
+        self._writes = []
+        return TableWrites(rows, positions, slots)
 
     def check_integrity(self) -> None:
-        """Assert free + in-use == total and that rows are owned once."""
+        """Assert free + cached + in use == total, each slot owned once, and rows owned once."""
         in_use: list[int] = []
-        for rid, row in self._row.items():
-            in_use.extend(self.req_to_token[row, : self._num_slots[rid]].tolist())
-        self.allocator.check_integrity(in_use)
-        rows = list(self._row.values())
+        for held in self._held.values():
+            in_use.extend(held.slots[held.prefix.num_tokens:])
+        cached = self.prefix_cache.cached_slots()
+        self.allocator.check_integrity(in_use + cached)
+        assert len(set(cached)) == len(cached), "a slot is cached twice"
+        assert not set(cached) & set(in_use), "a slot is both cached and in use by a request"
+        rows = [held.row for held in self._held.values()]
         assert len(set(rows)) == len(rows), "a table row is owned twice"
         assert not set(rows) & set(self._free_rows), "a table row is both free and owned"
-        assert len(rows) + len(self._free_rows) == self.req_to_token.shape[0], "table rows leaked"
+        assert len(rows) + len(self._free_rows) == self.max_num_seqs, "table rows leaked"

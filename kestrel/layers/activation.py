@@ -7,6 +7,10 @@ import torch.nn.functional as F
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """x: [T, 2 * I] (gate then up) -> [T, I]."""
+    """x: [T, 2 * I] (gate then up) -> [T, I]; one Triton kernel on CUDA."""
+    if x.is_cuda:
+        from kestrel.kernels.silu_and_mul import silu_and_mul as fused
+
+        return fused(x)
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up

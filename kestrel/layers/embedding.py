@@ -6,16 +6,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kestrel.distributed.parallel_state import all_gather_last_dim, all_reduce, tp_rank, tp_size
+from kestrel.distributed.parallel_state import SINGLE_RANK, TPGroup
 from kestrel.kernels.cpu_linear import PackedLinear, pack
 
 
 class VocabParallelEmbedding(nn.Module):
-    def __init__(self, vocab_size: int, hidden_size: int) -> None:
+    def __init__(self, vocab_size: int, hidden_size: int, tp: TPGroup = SINGLE_RANK) -> None:
         super().__init__()
+        self.tp = tp
         self.vocab_size = vocab_size
-        self.num_per_rank = -(-vocab_size // tp_size())
-        self.start = tp_rank() * self.num_per_rank
+        self.num_per_rank = -(-vocab_size // tp.size)
+        self.start = tp.rank * self.num_per_rank
         self.weight = nn.Parameter(torch.empty(self.num_per_rank, hidden_size), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
 
@@ -28,13 +29,13 @@ class VocabParallelEmbedding(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         # input_ids: [T] -> [T, hidden]
-        if tp_size() == 1:
+        if self.tp.size == 1:
             return F.embedding(input_ids, self.weight)
         local = input_ids - self.start
         valid = (local >= 0) & (local < self.num_per_rank)
         out = F.embedding(local.clamp(0, self.num_per_rank - 1), self.weight)
         out = out * valid.unsqueeze(-1).to(out.dtype)
-        return all_reduce(out)
+        return self.tp.all_reduce(out)
 
 
 class ParallelLMHead(VocabParallelEmbedding):
@@ -55,5 +56,5 @@ class ParallelLMHead(VocabParallelEmbedding):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [R, hidden] -> logits [R, vocab]
         logits = self.kernel(hidden) if self.kernel is not None else F.linear(hidden, self.weight)
-        logits = all_gather_last_dim(logits)
+        logits = self.tp.all_gather_last_dim(logits)
         return logits[..., : self.vocab_size]

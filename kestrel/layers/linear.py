@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kestrel.distributed.parallel_state import all_reduce, tp_rank, tp_size
+from kestrel.distributed.parallel_state import SINGLE_RANK, TPGroup
 from kestrel.kernels.cpu_linear import PackedLinear, pack
 
 
@@ -46,10 +46,11 @@ class _PackableLinear(nn.Module):
 
 
 class ColumnParallelLinear(_PackableLinear):
-    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, tp: TPGroup = SINGLE_RANK) -> None:
         super().__init__()
+        self.tp = tp
         self.in_features = in_features
-        self.out_features_per_rank = _divide(out_features, tp_size())
+        self.out_features_per_rank = _divide(out_features, tp.size)
         self.weight = nn.Parameter(torch.empty(self.out_features_per_rank, in_features), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
         self.bias = None
@@ -59,7 +60,7 @@ class ColumnParallelLinear(_PackableLinear):
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         n = param.shape[0]
-        _copy(param, loaded.narrow(0, tp_rank() * n, n))
+        _copy(param, loaded.narrow(0, self.tp.rank * n, n))
 
     def pack_weights(self) -> bool:
         return self._pack(with_bias=True)
@@ -71,38 +72,40 @@ class ColumnParallelLinear(_PackableLinear):
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel outputs in one matrix (e.g. gate_proj and up_proj)."""
 
-    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False) -> None:
-        super().__init__(in_features, sum(output_sizes), bias)
-        self.output_sizes_per_rank = [_divide(s, tp_size()) for s in output_sizes]
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False,
+                 tp: TPGroup = SINGLE_RANK) -> None:
+        super().__init__(in_features, sum(output_sizes), bias, tp)
+        self.output_sizes_per_rank = [_divide(s, tp.size) for s in output_sizes]
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int = 0) -> None:
         size = self.output_sizes_per_rank[shard_id]
         offset = sum(self.output_sizes_per_rank[:shard_id])
-        _copy(param.data.narrow(0, offset, size), loaded.narrow(0, tp_rank() * size, size))
+        _copy(param.data.narrow(0, offset, size), loaded.narrow(0, self.tp.rank * size, size))
 
 
 class QKVParallelLinear(ColumnParallelLinear):
     """q, k and v projections in one matrix; heads are split over TP ranks."""
 
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
-                 bias: bool = False) -> None:
-        self.num_heads = _divide(num_heads, tp_size())
-        self.num_kv_heads = _divide(num_kv_heads, tp_size())
+                 bias: bool = False, tp: TPGroup = SINGLE_RANK) -> None:
+        self.num_heads = _divide(num_heads, tp.size)
+        self.num_kv_heads = _divide(num_kv_heads, tp.size)
         self.head_dim = head_dim
         total = (num_heads + 2 * num_kv_heads) * head_dim
-        super().__init__(hidden_size, total, bias)
+        super().__init__(hidden_size, total, bias, tp)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str = "q") -> None:
         q = self.num_heads * self.head_dim
         kv = self.num_kv_heads * self.head_dim
         offset, size = {"q": (0, q), "k": (q, kv), "v": (q + kv, kv)}[shard_id]
-        _copy(param.data.narrow(0, offset, size), loaded.narrow(0, tp_rank() * size, size))
+        _copy(param.data.narrow(0, offset, size), loaded.narrow(0, self.tp.rank * size, size))
 
 
 class RowParallelLinear(_PackableLinear):
-    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, tp: TPGroup = SINGLE_RANK) -> None:
         super().__init__()
-        self.in_features_per_rank = _divide(in_features, tp_size())
+        self.tp = tp
+        self.in_features_per_rank = _divide(in_features, tp.size)
         self.weight = nn.Parameter(torch.empty(out_features, self.in_features_per_rank), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
         self.bias = None
@@ -112,7 +115,7 @@ class RowParallelLinear(_PackableLinear):
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         n = param.shape[1]
-        _copy(param, loaded.narrow(1, tp_rank() * n, n))
+        _copy(param, loaded.narrow(1, self.tp.rank * n, n))
 
     def bias_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         _copy(param, loaded)
@@ -122,7 +125,7 @@ class RowParallelLinear(_PackableLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self._matmul(x, None)  # [T, out_features], partial sum over ranks
-        out = all_reduce(out)
+        out = self.tp.all_reduce(out)
         if self.bias is not None:
             out = out + self.bias
         return out

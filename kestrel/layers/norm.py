@@ -1,4 +1,4 @@
-"""RMSNorm with an optional fused residual add."""
+"""RMSNorm with an optional fused residual add (one Triton kernel on CUDA)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,16 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        """x: [T, hidden]. With `residual`, returns (norm(x + residual), x + residual)."""
+        """x: [T, hidden]. With `residual`, returns (norm(x + residual), x + residual).
+
+        On CUDA one Triton kernel does the add and the norm (in place on x and residual).
+        """
+        if x.is_cuda:
+            from kestrel.kernels.rmsnorm import fused_add_rms_norm, rms_norm
+
+            if residual is None:
+                return rms_norm(x, self.weight, self.eps)
+            return fused_add_rms_norm(x, residual, self.weight, self.eps)
         if residual is not None:
             x = x + residual
             residual = x

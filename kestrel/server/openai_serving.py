@@ -25,7 +25,7 @@ from kestrel.server.protocol import (ChatChoiceLogprobs, ChatCompletionChoice, C
                                      UsageInfo, SamplingRequest)
 from kestrel.server.serving import (SSE_DONE, ClientGone, ServerState, SSEResponse, check_token_ids,
                                     client_gone_response, collect, make_sampling_params, parse_body,
-                                    public_stop_reason, sse, submit, until_disconnect)
+                                    sse, submit, until_disconnect)
 
 _MIN_LOGPROB = -9999.0
 """JSON has no -inf; impossible tokens report this instead (as vLLM does)."""
@@ -61,7 +61,7 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
     out = [ChatCompletionChoice(index=i, message=ChatResponseMessage(content=c.text),
                                 logprobs=_chat_logprobs(c.logprobs) if num_logprobs is not None else None,
                                 finish_reason=c.finish_reason,
-                                stop_reason=public_stop_reason(state, c.stop_reason))
+                                stop_reason=c.stop_reason)
            for i, c in enumerate(choices)]
     usage.completion_tokens = sum(len(c.token_ids) for c in choices)
     return _json(ChatCompletionResponse(id=request_id, model=state.config.model_name, choices=out,
@@ -95,7 +95,7 @@ async def create_completion(state: ServerState, request: Request) -> Response:
         return client_gone_response()
     out = [CompletionChoice(index=i, text=echo[i] + c.text,
                             logprobs=_completion_logprobs(c.logprobs, 0) if req.logprobs is not None else None,
-                            finish_reason=c.finish_reason, stop_reason=public_stop_reason(state, c.stop_reason))
+                            finish_reason=c.finish_reason, stop_reason=c.stop_reason)
            for i, c in enumerate(choices)]
     usage.completion_tokens = sum(len(c.token_ids) for c in choices)
     return _json(CompletionResponse(id=request_id, model=state.config.model_name, choices=out,
@@ -183,7 +183,7 @@ async def _chat_stream(state: ServerState, request_id: str, group: RequestGroup,
             choice = ChatStreamChoice(index=index, delta=DeltaMessage(content=delta.text),
                                       logprobs=_chat_logprobs(delta.logprobs) if delta.logprobs else None,
                                       finish_reason=delta.finish_reason,
-                                      stop_reason=public_stop_reason(state, delta.stop_reason))
+                                      stop_reason=delta.stop_reason)
             yield sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=[choice],
                                           usage=running))
         if include_usage:
@@ -214,7 +214,7 @@ async def _completion_stream(state: ServerState, request_id: str, group: Request
                 logprobs = _completion_logprobs(delta.logprobs, offsets[index])
                 offsets[index] += sum(len(p.chosen.token) for p in delta.logprobs)
             choice = CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=delta.finish_reason,
-                                      stop_reason=public_stop_reason(state, delta.stop_reason))
+                                      stop_reason=delta.stop_reason)
             yield sse(CompletionResponse(id=request_id, created=created, model=model, choices=[choice],
                                          usage=usage.info() if continuous_usage else None))
         if include_usage:

@@ -12,13 +12,14 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import pydantic
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
+from kestrel.limits import PromptError, PromptLimits
 from kestrel.messages import PositionLogprobs, TextDelta
 from kestrel.sampling_params import SamplingParams
 from kestrel.server.client import EngineClient, EngineError, EngineRequest, RequestGroup
@@ -29,9 +30,6 @@ logger = logging.getLogger(__name__)
 
 ModelT = TypeVar("ModelT", bound=pydantic.BaseModel)
 T = TypeVar("T")
-
-_MAX_SEED = 2**64 - 1
-
 
 @dataclass(slots=True)
 class ServerState:
@@ -71,6 +69,12 @@ class ServerState:
         assert self.client.engine_info is not None
         return self.client.engine_info.max_model_len
 
+    @property
+    def limits(self) -> PromptLimits:
+        info = self.client.engine_info
+        assert info is not None
+        return PromptLimits(info.max_model_len, info.vocab_size)
+
 
 async def parse_body(request: Request, model: type[ModelT]) -> ModelT:
     """Parse and type-check a JSON body; 400 naming the parameter when it is wrong."""
@@ -91,42 +95,26 @@ def make_sampling_params(state: ServerState, prompt_lens: list[int], max_tokens:
         params = SamplingParams(max_tokens=max_tokens, **kwargs)
     except ValueError as e:
         raise from_value_error(e, renames) from None
-    limit = state.max_model_len
-    max_tokens_name = renames.get("max_tokens", "max_tokens")
     for prompt_len in prompt_lens:
-        if prompt_len == 0:
-            raise APIError(f"'{prompt_param}' is empty: give at least one token", param=prompt_param)
-        if prompt_len >= limit:
-            raise APIError(
-                f"This model's maximum context length is {limit} tokens, but the prompt has {prompt_len} "
-                f"tokens (at least one generated token must fit). Shorten the {prompt_param}.",
-                param=prompt_param, code="context_length_exceeded")
-        if max_tokens is not None and prompt_len + max_tokens > limit:
-            raise APIError(
-                f"This model's maximum context length is {limit} tokens. However, you requested "
-                f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} for the "
-                f"completion). Reduce the length of the {prompt_param} or {max_tokens_name}.",
-                param=max_tokens_name, code="context_length_exceeded")
+        try:
+            state.limits.check_len(prompt_len, max_tokens, prompt_param, renames.get("max_tokens", "max_tokens"))
+        except PromptError as e:
+            raise APIError(str(e), param=e.param, code=e.code) from None
     return params
 
 
 def check_token_ids(state: ServerState, ids: list[int], param: str) -> None:
-    vocab = state.client.engine_info.vocab_size if state.client.engine_info else None
-    bad = next((t for t in ids if t < 0 or (vocab is not None and t >= vocab)), None)
-    if bad is not None:
-        raise APIError(f"'{param}' has token id {bad}, outside the vocabulary [0, {vocab})", param=param)
+    try:
+        state.limits.check_token_ids(ids, param)
+    except PromptError as e:
+        raise APIError(str(e), param=e.param, code=e.code) from None
 
 
 async def submit(state: ServerState, base_id: str, prompts: list[list[int]],
                  params: SamplingParams) -> RequestGroup:
     """Start n engine requests per prompt; choice index = prompt index * n + i, seeds seed + i."""
-    requests = []
-    for p, ids in enumerate(prompts):
-        for i in range(params.n):
-            seed = None if params.seed is None else params.seed + i
-            if seed is not None and seed > _MAX_SEED:
-                seed -= 2**64  # stay inside the seed range SamplingParams accepts
-            requests.append(EngineRequest(p * params.n + i, ids, replace(params, n=1, seed=seed)))
+    requests = [EngineRequest(p * params.n + i, ids, params.for_completion(i))
+                for p, ids in enumerate(prompts) for i in range(params.n)]
     try:
         return await state.client.generate(base_id, requests)
     except EngineError as e:
@@ -168,14 +156,6 @@ async def collect(group: RequestGroup, num_choices: int) -> list[Choice]:
     finally:
         group.close()
     return choices
-
-
-def public_stop_reason(state: ServerState, stop_reason: str | int | None) -> str | int | None:
-    """The stop string or stop token id, but None for EOS (as vLLM reports it)."""
-    info = state.client.engine_info
-    if isinstance(stop_reason, int) and info is not None and stop_reason in info.eos_token_ids:
-        return None
-    return stop_reason
 
 
 class ClientGone(Exception):

@@ -1,14 +1,16 @@
 """Batched sampler: one new token per row from the model's last-position logits.
 
-Owns the step from logits to tokens. Input: logits [num_rows, vocab] (any float dtype, any
-device) and one `SamplingRow` per logits row (its params, its generator and its token
-history). Output: a `SamplerOutput` with the sampled token ids on CPU and, when any row asked
-for them, log-probabilities of the RAW model distribution (vLLM v1's default).
+Owns the step from logits to tokens, in two calls: `prepare(rows)` once per step on the host
+(per-row knobs, flags that pick the stages to run, each logits processor's own state: blocked ids,
+penalty token ids, later grammar bitmasks), then `sample(logits, prepared)` on the logits' device.
+On a GPU the first can run while the forward pass does. Input: logits [num_rows, vocab] (any float
+dtype, any device) and one `SamplingRow` per logits row. Output: a `SamplerOutput` with the
+sampled token ids on CPU and, when any row asked for them, log-probabilities of the RAW model
+distribution (vLLM v1's default).
 
 Pipeline, in vLLM v1 order, all in float32:
-    raw logprobs -> blocked ids -> repetition penalty (prompt and output tokens)
-    -> frequency / presence penalties (output tokens) -> greedy rows: argmax
-    -> random rows: temperature -> min_p -> top_k -> top_p -> inverse-CDF sample.
+    raw logprobs -> logits processors (blocked ids, repetition / frequency / presence penalties, ...)
+    -> greedy rows: argmax -> random rows: temperature -> min_p -> top_k -> top_p -> inverse-CDF sample.
 
 Invariant: a random row whose request has a seed draws its uniform from its own generator, one
 draw per step, so its tokens depend only on its seed, its logits and its step count, never on
@@ -21,20 +23,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
-import numpy as np
 import torch
 
 from kestrel.sampling_params import SamplingParams
+from kestrel.worker.logits_processors import DEFAULT_PROCESSORS, LogitsProcessor
 
 _MAX_TOP_P_ROUNDS = 16
 """Rejection rounds for top_p before a still-unsettled row takes its most likely token."""
-
-_GREEDY_EPS = 1e-5
-"""Temperature below this is greedy (the same threshold as SamplingParams.is_greedy)."""
-
-# Columns of the per-row knob tensor built by `_summarize`.
-_TEMP, _TOP_P, _TOP_K, _MIN_P, _REP, _FREQ, _PRES = range(7)
-_NUM_KNOBS = 7
 
 
 class SamplingRow(NamedTuple):
@@ -67,14 +62,34 @@ class SamplerOutput(NamedTuple):
     """[num_rows] int64 on CPU: 1 + the number of tokens with a strictly larger raw logprob."""
 
 
-class _Batch(NamedTuple):
-    """Host-side summary of the rows: flags that pick the stages to run, knobs for the device."""
+class Knobs(NamedTuple):
+    """The per-row sampling knobs on the device, one [num_rows] float32 tensor each."""
 
-    knobs: torch.Tensor
-    """[num_rows, _NUM_KNOBS] float32 on CPU."""
+    temperature: torch.Tensor
+    """1 for greedy rows, so dividing by it leaves them alone."""
+    top_p: torch.Tensor
+    top_k: torch.Tensor
+    min_p: torch.Tensor
+    repetition_penalty: torch.Tensor
+    frequency_penalty: torch.Tensor
+    presence_penalty: torch.Tensor
+    is_greedy: torch.Tensor
+    """1.0 where the row is greedy (`SamplingParams.is_greedy`, the one definition), else 0.0."""
+
+    @staticmethod
+    def host_row(p: SamplingParams) -> list[float]:
+        greedy = p.is_greedy
+        return [1.0 if greedy else p.temperature, p.top_p, float(p.top_k), p.min_p, p.repetition_penalty,
+                p.frequency_penalty, p.presence_penalty, float(greedy)]
+
+
+class PreparedBatch(NamedTuple):
+    """Host-side summary of the rows, made once per step by `Sampler.prepare`."""
+
+    num_rows: int
+    knob_table: torch.Tensor
+    """[num_rows, len(Knobs._fields)] float32 on CPU (pinned on CUDA); `Knobs` columns."""
     all_greedy: bool
-    has_blocked: bool
-    has_penalties: bool
     has_min_p: bool
     max_top_k: int
     """Largest top_k over the random rows; 0 when none uses top_k."""
@@ -83,57 +98,89 @@ class _Batch(NamedTuple):
     """(row, generator) of the random rows that draw noise from their own generator."""
     max_logprobs: int | None
     """max(params.logprobs) over the rows that asked; None when none did."""
+    processors: list[tuple[LogitsProcessor, object]]
+    """The logits processors some row needs this step, with what each prepared."""
 
 
 class Sampler:
     """Samples one token per row. Stateless per request; owns only the shared generator."""
 
-    def __init__(self, seed: int | None = None):
+    def __init__(self, seed: int | None = None, processors: Sequence[LogitsProcessor] = DEFAULT_PROCESSORS):
         self._seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}
+        self._processors = tuple(processors)
 
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
-        if logits.dim() != 2 or logits.shape[0] != len(rows):
+        return self.sample(logits, self.prepare(rows, logits.device))
+
+    def prepare(self, rows: Sequence[SamplingRow], device: torch.device | str = "cpu") -> PreparedBatch:
+        """Once per step, on the host: knobs, stage flags and every logits processor's state."""
+        device = torch.device(device)
+        seeded_rows: list[tuple[int, torch.Generator]] = []
+        max_logprobs: int | None = None
+        knob_rows = []
+        random = []
+        for i, row in enumerate(rows):
+            p = row.params
+            knob_rows.append(Knobs.host_row(p))
+            random.append(not p.is_greedy)
+            if row.generator is not None and not p.is_greedy:
+                seeded_rows.append((i, row.generator))
+            if p.logprobs is not None:
+                max_logprobs = p.logprobs if max_logprobs is None else max(max_logprobs, p.logprobs)
+        table = torch.tensor(knob_rows, dtype=torch.float32).reshape(len(rows), len(Knobs._fields))
+        if device.type == "cuda":
+            table = table.pin_memory()
+        processors = [(proc, state) for proc in self._processors
+                      if (state := proc.prepare(rows, device)) is not None]
+        return PreparedBatch(
+            num_rows=len(rows),
+            knob_table=table,
+            all_greedy=not any(random),
+            has_min_p=any(r and row.params.min_p > 0 for r, row in zip(random, rows)),
+            max_top_k=max((row.params.top_k for r, row in zip(random, rows) if r), default=0),
+            has_top_p=any(r and row.params.top_p < 1 for r, row in zip(random, rows)),
+            seeded_rows=seeded_rows,
+            max_logprobs=max_logprobs,
+            processors=processors,
+        )
+
+    def sample(self, logits: torch.Tensor, batch: PreparedBatch) -> SamplerOutput:
+        if logits.dim() != 2 or logits.shape[0] != batch.num_rows:
             raise ValueError(
-                f"logits must be [num_rows, vocab] with num_rows == len(rows) == {len(rows)}, "
+                f"logits must be [num_rows, vocab] with num_rows == len(rows) == {batch.num_rows}, "
                 f"got shape {tuple(logits.shape)}."
             )
         raw = logits.float()  # [num_rows, vocab]; never modified (may be the caller's tensor)
-        batch = _summarize(rows)
-        if batch.all_greedy and not (batch.has_blocked or batch.has_penalties):
+        if batch.all_greedy and not batch.processors:
             tokens = raw.argmax(dim=-1)  # [num_rows]
         else:
-            tokens = self._sample(raw, rows, batch)
+            tokens = self._sample(raw, batch)
         return _make_output(raw, tokens, batch.max_logprobs)
 
-    def _sample(self, raw: torch.Tensor, rows: Sequence[SamplingRow], batch: _Batch) -> torch.Tensor:
-        knobs = batch.knobs.to(raw.device, non_blocking=True)  # [num_rows, _NUM_KNOBS]
+    def _sample(self, raw: torch.Tensor, batch: PreparedBatch) -> torch.Tensor:
+        knobs = Knobs(*batch.knob_table.to(raw.device, non_blocking=True).unbind(1))  # each [num_rows]
         logits = raw.clone()  # [num_rows, vocab]
-        if batch.has_blocked:
-            _block_(logits, [row.blocked_token_ids for row in rows])
-        if batch.has_penalties:
-            _penalize_(logits, rows, knobs)
+        for processor, state in batch.processors:
+            processor.apply_(logits, state, knobs)
         greedy_tokens = logits.argmax(dim=-1)  # [num_rows]
         if batch.all_greedy:
             return greedy_tokens
         random_tokens = self._sample_random(logits, knobs, batch)  # [num_rows]
-        is_greedy = knobs[:, _TEMP] < _GREEDY_EPS  # [num_rows]
-        return torch.where(is_greedy, greedy_tokens, random_tokens)
+        return torch.where(knobs.is_greedy > 0, greedy_tokens, random_tokens)
 
-    def _sample_random(self, logits: torch.Tensor, knobs: torch.Tensor, batch: _Batch) -> torch.Tensor:
+    def _sample_random(self, logits: torch.Tensor, knobs: Knobs, batch: PreparedBatch) -> torch.Tensor:
         """Temperature, filters and an inverse-CDF draw, over all rows (greedy rows at T=1)."""
-        temperature = knobs[:, _TEMP : _TEMP + 1]  # [num_rows, 1]
-        logits.div_(torch.where(temperature < _GREEDY_EPS, 1.0, temperature))
+        logits.div_(knobs.temperature.unsqueeze(1))
         if batch.has_min_p:
-            _apply_min_p_(logits, knobs[:, _MIN_P])
+            _apply_min_p_(logits, knobs.min_p)
         if batch.max_top_k:
-            _apply_top_k_(logits, knobs[:, _TOP_K], batch.max_top_k)
+            _apply_top_k_(logits, knobs.top_k, batch.max_top_k)
         probs = logits.softmax(dim=-1)  # [num_rows, vocab]
         seeded = dict(batch.seeded_rows)
         tokens = self._draw(probs, None, seeded)
         if batch.has_top_p:
-            sampled = knobs[:, _TEMP] >= _GREEDY_EPS
-            self._redraw_outside_top_p_(probs, knobs[:, _TOP_P], sampled, tokens, seeded)
+            self._redraw_outside_top_p_(probs, knobs.top_p, knobs.is_greedy == 0, tokens, seeded)
         return tokens
 
     def _draw(self, probs: torch.Tensor, rows: list[int] | None,
@@ -193,47 +240,6 @@ class Sampler:
         return generator
 
 
-def _summarize(rows: Sequence[SamplingRow]) -> _Batch:
-    knob_rows: list[list[float]] = []
-    seeded_rows: list[tuple[int, torch.Generator]] = []
-    has_blocked = False
-    max_logprobs: int | None = None
-    for i, row in enumerate(rows):
-        p = row.params
-        knob_rows.append(
-            [
-                p.temperature,
-                p.top_p,
-                float(p.top_k),
-                p.min_p,
-                p.repetition_penalty,
-                p.frequency_penalty,
-                p.presence_penalty,
-            ]
-        )
-        if row.generator is not None and not p.is_greedy:
-            seeded_rows.append((i, row.generator))
-        has_blocked = has_blocked or len(row.blocked_token_ids) > 0
-        if p.logprobs is not None:
-            max_logprobs = p.logprobs if max_logprobs is None else max(max_logprobs, p.logprobs)
-    knobs = torch.tensor(knob_rows, dtype=torch.float32).reshape(len(rows), _NUM_KNOBS)
-    random = [not row.params.is_greedy for row in rows]
-    return _Batch(
-        knobs=knobs,
-        all_greedy=not any(random),
-        has_blocked=has_blocked,
-        has_penalties=any(_has_penalty(row.params) for row in rows),
-        has_min_p=any(r and row.params.min_p > 0 for r, row in zip(random, rows)),
-        max_top_k=max((row.params.top_k for r, row in zip(random, rows) if r), default=0),
-        has_top_p=any(r and row.params.top_p < 1 for r, row in zip(random, rows)),
-        seeded_rows=seeded_rows,
-        max_logprobs=max_logprobs,
-    )
-
-
-def _has_penalty(p: SamplingParams) -> bool:
-    return p.repetition_penalty != 1 or p.frequency_penalty != 0 or p.presence_penalty != 0
-
 
 def _make_output(raw: torch.Tensor, tokens: torch.Tensor, max_logprobs: int | None) -> SamplerOutput:
     if max_logprobs is None:
@@ -250,46 +256,7 @@ def _make_output(raw: torch.Tensor, tokens: torch.Tensor, max_logprobs: int | No
 
 
 # ---------------------------------------------------------------------------------------------
-# Stages. Each works in place on float32 logits [num_rows, vocab].
-
-
-def _block_(logits: torch.Tensor, blocked: Sequence[Sequence[int]]) -> None:
-    """Set each row's blocked ids to -inf."""
-    row_idx, token_idx = _flatten([(ids,) for ids in blocked], logits.device)  # [num_ids] each
-    logits[row_idx, token_idx] = float("-inf")
-
-
-def _penalize_(logits: torch.Tensor, rows: Sequence[SamplingRow], knobs: torch.Tensor) -> None:
-    """Repetition penalty over prompt + output tokens, then frequency / presence over output tokens.
-
-    Rows with neutral penalties contribute no token ids, so they cost nothing here.
-    """
-    num_rows, vocab = logits.shape
-    uses_repetition = [row.params.repetition_penalty != 1 for row in rows]
-    if any(uses_repetition):
-        repeat_ids = [
-            (row.prompt_token_ids, row.output_token_ids) if uses else ()
-            for uses, row in zip(uses_repetition, rows)
-        ]
-        row_idx, token_idx = _flatten(repeat_ids, logits.device)
-        seen = torch.zeros(num_rows, vocab, dtype=torch.bool, device=logits.device)
-        seen[row_idx, token_idx] = True  # [num_rows, vocab]
-        penalty = knobs[:, _REP : _REP + 1]  # [num_rows, 1]
-        penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
-        logits.copy_(torch.where(seen, penalized, logits))
-
-    output_ids = [
-        (row.output_token_ids,) if row.params.frequency_penalty or row.params.presence_penalty else ()
-        for row in rows
-    ]
-    if any(len(ids) for group in output_ids for ids in group):
-        row_idx, token_idx = _flatten(output_ids, logits.device)
-        counts = torch.zeros(num_rows, vocab, dtype=torch.float32, device=logits.device)
-        counts.index_put_(
-            (row_idx, token_idx), torch.ones_like(token_idx, dtype=torch.float32), accumulate=True
-        )  # [num_rows, vocab]
-        logits -= knobs[:, _FREQ : _FREQ + 1] * counts
-        logits -= knobs[:, _PRES : _PRES + 1] * (counts > 0)
+# Filters of random rows. Each works in place on float32 logits [num_rows, vocab].
 
 
 def _apply_min_p_(logits: torch.Tensor, min_p: torch.Tensor) -> None:
@@ -307,32 +274,3 @@ def _apply_top_k_(logits: torch.Tensor, top_k: torch.Tensor, max_top_k: int) -> 
     kth_largest = top_values.gather(1, (k - 1).unsqueeze(1))  # [num_rows, 1]
     kth_largest.masked_fill_((top_k <= 0).unsqueeze(1), float("-inf"))
     logits.masked_fill_(logits < kth_largest, float("-inf"))
-
-
-def _flatten(
-    groups: Sequence[Sequence[Sequence[int]]], device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row groups of id sequences -> (row index, token id) pairs on `device`, one transfer.
-
-    Lists go through numpy (torch.tensor on a long Python list is several times slower);
-    numpy arrays and CPU tensors are used without conversion.
-    """
-    per_row = [
-        np.concatenate([_as_int64(ids) for ids in group]) if group else np.empty(0, np.int64)
-        for group in groups
-    ]
-    lengths = [len(ids) for ids in per_row]
-    pairs = np.empty((2, sum(lengths)), dtype=np.int64)  # [2, num_ids]: row index, token id
-    if per_row:
-        np.concatenate(per_row, out=pairs[1])
-        pairs[0] = np.repeat(np.arange(len(per_row), dtype=np.int64), lengths)
-    pairs = torch.from_numpy(pairs).to(device, non_blocking=True)  # [2, num_ids]
-    return pairs[0], pairs[1]
-
-
-def _as_int64(ids: Sequence[int]) -> np.ndarray:
-    if isinstance(ids, torch.Tensor):
-        return ids.detach().cpu().numpy().astype(np.int64, copy=False).reshape(-1)
-    if isinstance(ids, np.ndarray):
-        return ids.astype(np.int64, copy=False).reshape(-1)
-    return np.fromiter(ids, dtype=np.int64, count=len(ids))

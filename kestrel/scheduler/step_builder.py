@@ -1,0 +1,48 @@
+"""Turns the scheduler's decision into a `StepBatch`: the one place requests become plain step data.
+
+Reads each scheduled request's tokens and slots (from the KV manager), the slot-table entries that
+changed since the last step, and what each sampling request needs this step (its params, the ids
+the stop rules block, its token history only when a penalty reads it).
+"""
+
+from __future__ import annotations
+
+from kestrel.kvcache.manager import KVCacheManager
+from kestrel.request import Request
+from kestrel.scheduler.scheduler import SchedulerOutput
+from kestrel.step_batch import SampleRow, StepBatch
+from kestrel.stop_rules import StopRules
+
+
+def build_step_batch(out: SchedulerOutput, kv_manager: KVCacheManager, stop_rules: StopRules,
+                     finished_request_ids: list[str]) -> StepBatch:
+    token_ids: list[int] = []
+    positions: list[int] = []
+    slot_mapping: list[int] = []
+    query_start_loc = [0]
+    seq_lens: list[int] = []
+    req_rows: list[int] = []
+    sample_indices: list[int] = []
+    sample_rows: list[SampleRow] = []
+    for req, n in out.scheduled:
+        start = req.num_computed_tokens
+        end = start + n
+        token_ids.extend(req.token_ids[start:end])
+        positions.extend(range(start, end))
+        slot_mapping.extend(kv_manager.slots_of(req.request_id)[start:end])
+        query_start_loc.append(len(token_ids))
+        seq_lens.append(end)
+        req_rows.append(kv_manager.row_of(req.request_id))
+        if end == req.num_tokens:
+            sample_indices.append(len(token_ids) - 1)
+            sample_rows.append(_sample_row(req, stop_rules))
+    return StepBatch(token_ids, positions, slot_mapping, query_start_loc, seq_lens, req_rows,
+                     kv_manager.take_table_writes(), sample_indices, sample_rows, finished_request_ids)
+
+
+def _sample_row(req: Request, stop_rules: StopRules) -> SampleRow:
+    p = req.params
+    blocked = stop_rules.blocked_token_ids(p, req.num_output_tokens)
+    prompt = req.prompt_token_ids if p.repetition_penalty != 1 else None
+    output = req.output_token_ids if p.has_penalties else None
+    return SampleRow(req.request_id, p, blocked, prompt, output)

@@ -1,0 +1,110 @@
+"""A worker: one device's share of a step. `StepBatch` in, sampled tokens out.
+
+Owns the model, the KV pool, the device-side slot table, the attention backend and the sampler,
+plus per-request device state (seeded generators) until the engine says a request ended. It knows
+nothing of requests, queues or stop rules (an import-linter contract keeps the scheduler and
+`Request` out): everything it needs for a step is in the batch, so a tensor-parallel rank in
+another process runs the same `execute` on the same batch.
+
+    execute(batch) = stage inputs -> update slot table -> attention metadata -> forward
+                     -> logits of the sampled rows -> sample
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from kestrel.attention import AttentionContext, BatchLayout, create_backend
+from kestrel.config import EngineConfig, ModelConfig
+from kestrel.kernels.cpu_linear import cpu_has_native_bf16
+from kestrel.kernels.cpu_malloc import keep_freed_memory
+from kestrel.kvcache.pool import KVPool
+from kestrel.models.loader import build_model, pack_weights
+from kestrel.step_batch import SampleRow, StepBatch, StepResult
+from kestrel.worker.inputs import InputStager
+from kestrel.worker.sampler import Sampler, SamplerOutput, SamplingRow
+from kestrel.worker.sizing import resolve_dtype, resolve_sizes
+from kestrel.worker.slot_table import SlotTable
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    """What the engine learns from its worker once the model is loaded."""
+
+    max_model_len: int
+    """Context length after capping at the KV pool size."""
+    num_kv_slots: int
+    dtype: str
+    """Compute dtype name, e.g. "float32"."""
+    device: str
+    attention_backend: str
+
+
+class Worker:
+    def __init__(self, config: EngineConfig, model_path: str, model_config: ModelConfig) -> None:
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.device = torch.device(config.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()
+        mc = model_config
+        self.dtype = resolve_dtype(config.dtype, mc, self.device)
+        if config.dtype == "auto" and self.dtype == torch.float32 and cpu_has_native_bf16():
+            logger.info("This CPU has bf16 instructions: --dtype bfloat16 runs ~1.6x faster "
+                        "(results then depend slightly on batch composition).")
+        max_model_len, num_slots = resolve_sizes(config, mc, self.dtype)
+        self.model = build_model(model_path, mc, self.dtype, self.device, max_position=max_model_len,
+                                 load_format=config.load_format, show_progress=config.show_progress)
+        if config.prepack_weights and (packed := pack_weights(self.model)):
+            logger.info("%d linear layers run on oneDNN-packed weights (%s)", packed, self.dtype)
+        self.pool = KVPool(mc.num_layers, num_slots, mc.num_kv_heads, mc.head_dim, self.dtype, self.device)
+        self.kv_caches = self.pool.layers()
+        self.slot_table = SlotTable(config.max_num_seqs, max_model_len, self.device)
+        self.backend = create_backend(config.attention_backend, num_heads=mc.num_heads, num_kv_heads=mc.num_kv_heads,
+                                      head_dim=mc.head_dim, max_model_len=max_model_len, device=self.device)
+        self.sampler = Sampler(config.seed)
+        self.inputs = InputStager(self.device)
+        self._generators: dict[str, torch.Generator] = {}
+        self.info = WorkerInfo(max_model_len, num_slots, str(self.dtype).removeprefix("torch."),
+                               str(self.device), self.backend.name)
+
+    @torch.inference_mode()
+    def execute(self, batch: StepBatch) -> StepResult:
+        for request_id in batch.finished_request_ids:
+            self._generators.pop(request_id, None)
+        inputs = self.inputs.stage(batch)
+        self.slot_table.write(inputs.write_rows, inputs.write_positions, inputs.write_slots)
+        if not batch.num_tokens:
+            return StepResult([])
+        layout = BatchLayout(batch.query_lens, batch.seq_lens, inputs.query_start_loc, inputs.seq_lens,
+                             inputs.req_rows, self.slot_table.table, inputs.slot_mapping)
+        ctx = AttentionContext(self.backend, self.backend.prepare(layout), self.kv_caches)
+        hidden = self.model(inputs.token_ids, inputs.positions, ctx)  # [T, hidden]
+        if not batch.sample_rows:
+            return StepResult([])
+        prepared = self.sampler.prepare([self._sampling_row(row) for row in batch.sample_rows], self.device)
+        logits = self.model.compute_logits(hidden[inputs.sample_indices])  # [S, vocab]
+        return _result(self.sampler.sample(logits, prepared))
+
+    def _sampling_row(self, row: SampleRow) -> SamplingRow:
+        params = row.params
+        generator = None
+        if params.seed is not None and not params.is_greedy:
+            generator = self._generators.get(row.request_id)
+            if generator is None:
+                generator = torch.Generator(device=self.device).manual_seed(params.seed % (2**63))
+                self._generators[row.request_id] = generator
+        return SamplingRow(params, generator, row.prompt_token_ids or (), row.output_token_ids or (),
+                           row.blocked_token_ids)
+
+
+def _result(out: SamplerOutput) -> StepResult:
+    if out.logprobs is None:
+        return StepResult(out.token_ids.tolist())
+    return StepResult(out.token_ids.tolist(), out.logprobs.tolist(), out.logprob_token_ids.tolist(),
+                      out.ranks.tolist())

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
-ATTENTION_BACKENDS = ("torch",)
+DEVICES = ("auto", "cpu", "cuda")
+ATTENTION_BACKENDS = ("auto", "torch", "triton")
 EXECUTOR_BACKENDS = ("uni", "mp")
 
 
@@ -119,7 +120,8 @@ class EngineConfig:
     dtype: str = "auto"
     """Weights and activations: float32, bfloat16, float16, or auto: float32 on CPU (exact, batch-invariant;
     bfloat16 is faster on CPUs with AVX512-BF16 or AMX), the checkpoint dtype on GPU (bfloat16 for float32)."""
-    device: str = "cpu"
+    device: str = "auto"
+    """cpu, cuda (cuda:N) or auto: cuda when a GPU is visible, else cpu."""
     load_format: str = "auto"
     """auto, safetensors, gguf, or dummy (random weights of the model's shape, for benchmarks)."""
     max_model_len: int | None = None
@@ -128,8 +130,13 @@ class EngineConfig:
     """Most requests running at once."""
     max_num_batched_tokens: int = 2048
     """Token budget of one engine step (prefill chunks + decodes)."""
-    kv_cache_memory_gb: float = 1.0
-    """Memory for the KV cache (ignored when num_kv_slots is given)."""
+    kv_cache_memory_gb: float | None = None
+    """Memory for the KV cache (ignored when num_kv_slots is given). None: 1 GB on CPU; on a GPU, what
+    `gpu_memory_utilization` leaves after the weights and a profiled forward pass at the largest step."""
+    gpu_memory_utilization: float = 0.9
+    """GPU: the fraction of the device's memory Kestrel may use in all (weights, activations, KV pool)."""
+    enforce_eager: bool = False
+    """GPU: run every step eagerly instead of replaying CUDA graphs for decode steps."""
     num_kv_slots: int | None = None
     """Exact number of KV slots (tokens) in the pool; mostly for tests."""
     seed: int = 0
@@ -138,8 +145,9 @@ class EngineConfig:
     """CPU threads for torch; None leaves torch's default."""
     prepack_weights: bool = True
     """CPU: reorder linear weights once for oneDNN (2-4x faster matmuls; same maths to float rounding)."""
-    attention_backend: str = "torch"
-    """Attention implementation (`kestrel.attention.create_backend`): torch (the reference, any device)."""
+    attention_backend: str = "auto"
+    """Attention implementation (`kestrel.attention.create_backend`): torch (the reference, any device),
+    triton (GPU kernels), or auto: triton on CUDA, torch elsewhere."""
     distributed_executor_backend: str = "uni"
     """uni: the worker runs in the engine's process; mp: in a child process (step batches cross as bytes)."""
     show_progress: bool = True
@@ -163,5 +171,9 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}.")
         if self.num_kv_slots is not None and self.num_kv_slots < 1:
             raise ValueError(f"num_kv_slots must be >= 1, got {self.num_kv_slots}.")
-        if self.kv_cache_memory_gb <= 0:
+        if self.kv_cache_memory_gb is not None and self.kv_cache_memory_gb <= 0:
             raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}.")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}.")
+        if self.device not in DEVICES and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be one of {', '.join(DEVICES)} or cuda:N, got {self.device!r}.")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from kestrel.config import DTYPES, LOAD_FORMATS, EngineConfig
+from kestrel.config import ATTENTION_BACKENDS, DTYPES, EXECUTOR_BACKENDS, LOAD_FORMATS, EngineConfig
 
 
 def add_engine_args(parser: argparse.ArgumentParser, with_model: bool = True) -> None:
@@ -14,12 +14,20 @@ def add_engine_args(parser: argparse.ArgumentParser, with_model: bool = True) ->
     parser.add_argument("--model", dest="model_flag", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder/file if not the model's")
     parser.add_argument("--dtype", default="auto", choices=DTYPES)
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when a GPU is visible)")
     parser.add_argument("--load-format", default="auto", choices=LOAD_FORMATS)
     parser.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     parser.add_argument("--max-num-seqs", type=int, default=64, help="most requests running at once")
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
-    parser.add_argument("--kv-cache-memory-gb", type=float, default=1.0, help="memory for the KV cache")
+    parser.add_argument("--kv-cache-memory-gb", type=float, default=None,
+                        help="memory for the KV cache (default: 1 on CPU; on GPU what --gpu-memory-utilization leaves)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                        help="GPU: fraction of device memory for weights, activations and the KV pool")
+    parser.add_argument("--enforce-eager", action="store_true", help="GPU: no CUDA graphs for decode steps")
+    parser.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS,
+                        help="auto: triton on CUDA, torch elsewhere")
+    parser.add_argument("--distributed-executor-backend", default="uni", choices=EXECUTOR_BACKENDS,
+                        help="uni: worker in the engine process; mp: in a child process")
     parser.add_argument("--num-kv-slots", type=int, default=None, help="exact KV pool size in tokens")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-threads", type=int, default=None, help="CPU threads for torch")
@@ -35,6 +43,8 @@ def engine_config_from_args(args: argparse.Namespace, **overrides) -> EngineConf
         max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory_gb=args.kv_cache_memory_gb,
         num_kv_slots=args.num_kv_slots, seed=args.seed, num_threads=args.num_threads,
         prepack_weights=getattr(args, "prepack_weights", True),
+        gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
+        attention_backend=args.attention_backend, distributed_executor_backend=args.distributed_executor_backend,
     )
     values.update(overrides)
     return EngineConfig(**values)

@@ -1,7 +1,8 @@
-"""`kestrel bench offline` and `kestrel bench serve`: flags in, figures printed and saved.
+"""`kestrel bench offline`, `bench latency` and `bench serve`: flags in, figures printed and saved.
 
 offline: the engine (or Hugging Face transformers, `--backend hf`) in-process
-on random prompts (see `kestrel.bench.offline`). serve: a streaming load
+on random prompts (see `kestrel.bench.offline`). latency: start-up, prefill and
+decode-step time of one batch (`kestrel.bench.latency`). serve: a streaming load
 generator for any OpenAI-compatible server (see `kestrel.bench.serve`).
 """
 
@@ -20,6 +21,7 @@ def add_parser(subparsers) -> None:
     bench = subparsers.add_parser("bench", help="benchmarks: offline throughput, serving load")
     sub = bench.add_subparsers(dest="bench_command", required=True)
     _add_offline(sub)
+    _add_latency(sub)
     _add_serve(sub)
 
 
@@ -65,6 +67,32 @@ def _run_offline(args: argparse.Namespace) -> int:
         config = engine_config_from_args(args, show_progress=False)
         result = run_offline(config, spec)
     print_result(result)
+    if args.output_json:
+        _save(args.output_json, result.to_json())
+    return 0
+
+
+# ---- latency -------------------------------------------------------------------
+def _add_latency(sub) -> None:
+    p = sub.add_parser("latency", help="start-up, prefill and decode-step time of one batch",
+                       description="Build the engine (timed), then run batch-size random prompts of input-len "
+                                   "tokens to output-len tokens each (EOS ignored), num-iters times.")
+    add_engine_args(p)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--num-iters", type=int, default=3)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--output-json", default=None, help="save the figures here")
+    p.set_defaults(func=_run_latency)
+
+
+def _run_latency(args: argparse.Namespace) -> int:
+    from kestrel.bench.latency import LatencySpec, print_latency, run_latency
+
+    spec = LatencySpec(args.batch_size, args.input_len, args.output_len, args.num_iters, args.temperature, args.seed)
+    result = run_latency(engine_config_from_args(args, show_progress=False), spec)
+    print_latency(result)
     if args.output_json:
         _save(args.output_json, result.to_json())
     return 0

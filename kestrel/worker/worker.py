@@ -8,6 +8,8 @@ another process runs the same `execute` on the same batch.
 
     execute(batch) = stage inputs -> update slot table -> attention metadata -> forward
                      -> logits of the sampled rows -> sample
+
+A decode step on a GPU replays a CUDA graph instead of the eager forward (`cuda_graphs.py`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from kestrel.models.loader import build_model, pack_weights
 from kestrel.step_batch import SampleRow, StepBatch, StepResult
 from kestrel.worker.inputs import InputStager
 from kestrel.worker.sampler import Sampler, SamplerOutput, SamplingRow
-from kestrel.worker.sizing import resolve_dtype, resolve_sizes
+from kestrel.worker.cuda_graphs import CudaGraphRunner
+from kestrel.worker.sizing import (cap_max_model_len, resolve_backend, resolve_device, resolve_dtype,
+                                   resolve_max_model_len, resolve_num_slots)
 from kestrel.worker.slot_table import SlotTable
 
 logger = logging.getLogger(__name__)
@@ -49,7 +53,8 @@ class Worker:
     def __init__(self, config: EngineConfig, model_path: str, model_config: ModelConfig) -> None:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
-        self.device = torch.device(config.device)
+        self.config = config
+        self.device = resolve_device(config.device)
         if self.device.type == "cpu":
             keep_freed_memory()
         mc = model_config
@@ -57,19 +62,29 @@ class Worker:
         if config.dtype == "auto" and self.dtype == torch.float32 and cpu_has_native_bf16():
             logger.info("This CPU has bf16 instructions: --dtype bfloat16 runs ~1.6x faster "
                         "(results then depend slightly on batch composition).")
-        max_model_len, num_slots = resolve_sizes(config, mc, self.dtype)
+        max_model_len = resolve_max_model_len(config, mc)
         self.model = build_model(model_path, mc, self.dtype, self.device, max_position=max_model_len,
                                  load_format=config.load_format, show_progress=config.show_progress)
         if config.prepack_weights and (packed := pack_weights(self.model)):
             logger.info("%d linear layers run on oneDNN-packed weights (%s)", packed, self.dtype)
+        backend_name = resolve_backend(config.attention_backend, self.device)
+        self.backend = create_backend(backend_name, num_heads=mc.num_heads, num_kv_heads=mc.num_kv_heads,
+                                      head_dim=mc.head_dim, max_model_len=max_model_len, device=self.device,
+                                      max_num_seqs=config.max_num_seqs)
+        num_slots = resolve_num_slots(config, mc, self.dtype, self.device,
+                                      profile=lambda: self._profile_step(mc, max_model_len))
+        max_model_len = cap_max_model_len(max_model_len, num_slots)
         self.pool = KVPool(mc.num_layers, num_slots, mc.num_kv_heads, mc.head_dim, self.dtype, self.device)
         self.kv_caches = self.pool.layers()
         self.slot_table = SlotTable(config.max_num_seqs, max_model_len, self.device)
-        self.backend = create_backend(config.attention_backend, num_heads=mc.num_heads, num_kv_heads=mc.num_kv_heads,
-                                      head_dim=mc.head_dim, max_model_len=max_model_len, device=self.device)
         self.sampler = Sampler(config.seed)
         self.inputs = InputStager(self.device)
         self._generators: dict[str, torch.Generator] = {}
+        self.graphs: CudaGraphRunner | None = None
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self.graphs = CudaGraphRunner(self.model, self.backend, self.kv_caches, self.slot_table.table,
+                                          config.max_num_seqs, self.device)
+            self.graphs.capture()
         self.info = WorkerInfo(max_model_len, num_slots, str(self.dtype).removeprefix("torch."),
                                str(self.device), self.backend.name)
 
@@ -83,13 +98,36 @@ class Worker:
             return StepResult([])
         layout = BatchLayout(batch.query_lens, batch.seq_lens, inputs.query_start_loc, inputs.seq_lens,
                              inputs.req_rows, self.slot_table.table, inputs.slot_mapping)
-        ctx = AttentionContext(self.backend, self.backend.prepare(layout), self.kv_caches)
-        hidden = self.model(inputs.token_ids, inputs.positions, ctx)  # [T, hidden]
-        if not batch.sample_rows:
-            return StepResult([])
+        if self.graphs is not None and self.graphs.can_run(layout) and len(batch.sample_rows) == batch.num_reqs:
+            # A decode step: every request samples its one token, in order.
+            logits = self.graphs.run(inputs.token_ids, inputs.positions, layout)  # [R, vocab]
+        else:
+            ctx = AttentionContext(self.backend, self.backend.prepare(layout), self.kv_caches)
+            hidden = self.model(inputs.token_ids, inputs.positions, ctx)  # [T, hidden]
+            if not batch.sample_rows:
+                return StepResult([])
+            logits = self.model.compute_logits(hidden[inputs.sample_indices])  # [S, vocab]
+        # Host work for the sampler while the device runs the forward pass.
         prepared = self.sampler.prepare([self._sampling_row(row) for row in batch.sample_rows], self.device)
-        logits = self.model.compute_logits(hidden[inputs.sample_indices])  # [S, vocab]
         return _result(self.sampler.sample(logits, prepared))
+
+    @torch.inference_mode()
+    def _profile_step(self, mc: ModelConfig, max_model_len: int) -> None:
+        """The largest step once (a prefill of max_num_batched_tokens, logits of max_num_seqs rows), on scratch KV."""
+        cfg = self.config
+        num_tokens = max(1, min(cfg.max_num_batched_tokens, max_model_len))
+        pool = KVPool(mc.num_layers, num_tokens, mc.num_kv_heads, mc.head_dim, self.dtype, self.device)
+        table = torch.arange(num_tokens, dtype=torch.int32, device=self.device).view(1, -1)
+        i32 = dict(dtype=torch.int32, device=self.device)
+        layout = BatchLayout([num_tokens], [num_tokens], torch.tensor([0, num_tokens], **i32),
+                             torch.tensor([num_tokens], **i32), torch.zeros(1, **i32), table, table[0])
+        ctx = AttentionContext(self.backend, self.backend.prepare(layout), pool.layers())
+        token_ids = torch.randint(0, mc.vocab_size, (num_tokens,), **i32)
+        hidden = self.model(token_ids, table[0], ctx)  # [T, hidden]
+        rows = torch.arange(cfg.max_num_seqs, device=self.device) % num_tokens
+        logits = self.model.compute_logits(hidden[rows]).float()  # [max_num_seqs, vocab]
+        logits.softmax(dim=-1).cumsum(dim=-1)  # the sampler's largest temporaries
+        del pool, hidden, logits
 
     def _sampling_row(self, row: SampleRow) -> SamplingRow:
         params = row.params

@@ -1,0 +1,87 @@
+"""Attention on GPUs through Triton kernels (`kestrel/kernels/`), CUDA-graph ready.
+
+A step is one of two kinds:
+- decode-only (one new token per request): split-K flash-decoding over the slot table
+  (`decode_attention`), GQA-aware, with a fixed number of KV splits so nothing depends on host-side
+  sequence lengths: the same launch is captured in a CUDA graph and replayed;
+- anything else (prefills, chunked prefills, prefix-cache hits, decodes mixed in): one
+  `extend_attention` launch over the flat batch, each request's new tokens attending causally over
+  its cached prefix and themselves, all keys read from the cache through the slot table.
+
+Either way the new tokens' k/v are stored first (`store_kv`; slot -1 is padding and writes nothing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kestrel.attention.backend import BatchLayout
+from kestrel.kernels.decode_attention import decode_attention, decode_workspace_size
+from kestrel.kernels.extend_attention import extend_attention
+from kestrel.kernels.store_kv import store_kv
+
+_NUM_KV_SPLITS = 16
+"""Splits of each decode request's keys: enough programs to fill an H200 at batch 1 (8 KV heads x 16)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TritonAttentionMeta:
+    slot_mapping: torch.Tensor     # [T] int32; -1: padding
+    slot_table: torch.Tensor       # [max_num_seqs, max_model_len] int32
+    req_rows: torch.Tensor         # [R] int32
+    seq_lens: torch.Tensor         # [R] int32
+    query_start_loc: torch.Tensor  # [R + 1] int32 (extend only)
+    max_query_len: int
+    is_decode: bool
+
+
+class TritonAttentionBackend:
+    name = "triton"
+
+    def __init__(self, *, num_heads: int, num_kv_heads: int, head_dim: int, max_model_len: int,
+                 device: torch.device | str, max_num_seqs: int = 256) -> None:
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.sm_scale = head_dim ** -0.5
+        self.device = torch.device(device)
+        self.max_num_seqs = max_num_seqs
+        size = decode_workspace_size(max_num_seqs, num_heads, head_dim, _NUM_KV_SPLITS)
+        self._workspace = torch.empty(size, dtype=torch.float32, device=self.device)
+
+    def prepare(self, layout: BatchLayout) -> TritonAttentionMeta:
+        return TritonAttentionMeta(layout.slot_mapping, layout.slot_table, layout.req_rows, layout.seq_lens_t,
+                                   layout.query_start_loc, layout.max_query_len, layout.is_decode_only)
+
+    def forward(self, q, k, v, k_cache, v_cache, meta: TritonAttentionMeta) -> torch.Tensor:
+        # q: [T, H, D], k/v: [T, KH, D], caches: [num_slots + 1, KH, D] -> [T, H, D]
+        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        if meta.is_decode:
+            return decode_attention(q, k_cache, v_cache, meta.slot_table, meta.req_rows, meta.seq_lens, out,
+                                    self.sm_scale, _NUM_KV_SPLITS, self._workspace)
+        return extend_attention(q, k_cache, v_cache, meta.slot_table, meta.req_rows, meta.query_start_loc,
+                                meta.seq_lens, out, self.sm_scale, meta.max_query_len)
+
+    def graph_metadata(self, max_batch_size: int, slot_table: torch.Tensor) -> TritonAttentionMeta:
+        """Static decode buffers; padding rows have seq_len 0 (they attend nothing) and slot -1."""
+        if max_batch_size > self.max_num_seqs:
+            raise ValueError(f"graph batch size {max_batch_size} exceeds max_num_seqs {self.max_num_seqs}")
+        b, dev = max_batch_size, self.device
+        i32 = dict(dtype=torch.int32, device=dev)
+        return TritonAttentionMeta(torch.full((b,), -1, **i32), slot_table, torch.zeros(b, **i32),
+                                   torch.zeros(b, **i32), torch.arange(b + 1, **i32), 1, True)
+
+    def update_graph_metadata(self, meta: TritonAttentionMeta, layout: BatchLayout) -> None:
+        if not layout.is_decode_only:
+            raise ValueError("graph metadata describes decode steps (one token per request) only")
+        if layout.slot_table.data_ptr() != meta.slot_table.data_ptr():
+            raise ValueError("this step reads another slot table than the one the graphs were captured with")
+        r = layout.num_reqs
+        meta.slot_mapping[r:].fill_(-1)
+        meta.slot_mapping[:r].copy_(layout.slot_mapping)
+        meta.req_rows[r:].zero_()
+        meta.req_rows[:r].copy_(layout.req_rows)
+        meta.seq_lens[r:].zero_()
+        meta.seq_lens[:r].copy_(layout.seq_lens_t)

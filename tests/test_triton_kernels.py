@@ -24,9 +24,13 @@ triton = pytest.importorskip("triton")
 
 from kernel_refs import (  # noqa: E402
     make_kv_cache,
+    make_req_to_token,
+    ref_decode_attention,
     ref_store_kv,
+    rel_err,
 )
 
+from kestrel.kernels.decode_attention import decode_attention, decode_workspace_size  # noqa: E402
 from kestrel.kernels.store_kv import store_kv  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
@@ -109,6 +113,73 @@ def test_store_kv_rejects_bad_inputs():
         store_kv(k, k, torch.zeros(8, 4, 32, device=DEVICE), cache, slots)
     with pytest.raises(ValueError, match="last dim"):
         store_kv(k.transpose(1, 2).contiguous().transpose(1, 2), k, cache, cache, slots)
+
+
+# ---------------------------------------------------------------------------------------------
+# decode_attention
+# ---------------------------------------------------------------------------------------------
+
+# seq_len 0 is a padding row, 1 a fresh request; the rest are not multiples of BLOCK_N (64).
+DECODE_SEQ_LENS = [1, 0, 77, 130, 64, 5] if not ON_GPU else [1, 0, 77, 1000, 640, 4100, 64, 5, 129]
+
+
+def _decode_case(seq_lens, num_heads, num_kv_heads, head_dim, dtype, seed):
+    gen = _gen(seed)
+    batch = len(seq_lens)
+    num_slots = sum(seq_lens) + 50
+    k_cache, v_cache = make_kv_cache(num_slots, num_kv_heads, head_dim, dtype, "cpu", gen)
+    req_to_token, req_rows = make_req_to_token(seq_lens, num_slots, max(seq_lens) + 9, DEVICE, gen)
+    q, _, _ = _qkv_views(batch, num_heads, num_kv_heads, head_dim, dtype, gen)
+    seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    return q, k_cache.to(DEVICE), v_cache.to(DEVICE), req_to_token, req_rows, seq_lens_t
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(2, 2, 32), (8, 2, 64), (8, 1, 32)])
+@pytest.mark.parametrize("num_kv_splits", [1, 3])
+def test_decode_attention(dtype, num_heads, num_kv_heads, head_dim, num_kv_splits):
+    q, k_cache, v_cache, req_to_token, req_rows, seq_lens = _decode_case(
+        DECODE_SEQ_LENS, num_heads, num_kv_heads, head_dim, dtype, seed=3)
+    assert not q.is_contiguous()  # a view of the fused qkv buffer
+    sm_scale = head_dim ** -0.5
+    out = torch.full(q.shape, float("nan"), dtype=dtype, device=DEVICE)
+    workspace = torch.full((decode_workspace_size(len(DECODE_SEQ_LENS) + 3, num_heads, head_dim, num_kv_splits),),
+                           float("nan"), device=DEVICE)
+    result = decode_attention(q, k_cache, v_cache, req_to_token, req_rows, seq_lens, out, sm_scale,
+                              num_kv_splits, workspace)
+    assert result is out
+    ref = ref_decode_attention(q, k_cache, v_cache, req_to_token, req_rows, seq_lens, sm_scale)
+    assert torch.equal(out[1].float(), torch.zeros_like(ref[1]))  # the padding row: zeros, finite
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(4, 1, 128), (6, 3, 48)])
+def test_decode_attention_other_head_dims(dtype, num_heads, num_kv_heads, head_dim):
+    """head_dim 128 (Llama), and 48 (not a power of two: masked), with the workspace allocated inside."""
+    seq_lens = [3, 70, 0] if not ON_GPU else [3, 700, 0, 2049]
+    q, k_cache, v_cache, req_to_token, req_rows, seq_lens_t = _decode_case(
+        seq_lens, num_heads, num_kv_heads, head_dim, dtype, seed=4)
+    out = torch.full(q.shape, float("nan"), dtype=dtype, device=DEVICE)
+    decode_attention(q, k_cache, v_cache, req_to_token, req_rows, seq_lens_t, out, 0.1, 2)
+    ref = ref_decode_attention(q, k_cache, v_cache, req_to_token, req_rows, seq_lens_t, 0.1)
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+def test_decode_attention_rejects_bad_inputs():
+    q, k_cache, v_cache, req_to_token, req_rows, seq_lens = _decode_case([4, 2], 4, 2, 32, torch.float32, seed=5)
+    out = torch.empty(q.shape, device=DEVICE)
+    args = (q, k_cache, v_cache, req_to_token, req_rows, seq_lens, out, 0.1)
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        decode_attention(q[:, :3], k_cache, v_cache, req_to_token, req_rows, seq_lens, out[:, :3], 0.1, 2)
+    with pytest.raises(ValueError, match="workspace"):
+        decode_attention(*args, 2, torch.empty(10, device=DEVICE))
+    with pytest.raises(ValueError, match="seq_lens"):
+        decode_attention(q, k_cache, v_cache, req_to_token, req_rows, seq_lens[:1], out, 0.1, 2)
+    with pytest.raises(ValueError, match="num_kv_splits"):
+        decode_attention(*args, 0)
+    with pytest.raises(ValueError, match="share one dtype"):
+        decode_attention(q, k_cache, v_cache, req_to_token, req_rows, seq_lens, out.bfloat16(), 0.1, 2)
 
 
 def test_kernel_modules_import_without_triton():

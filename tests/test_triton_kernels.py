@@ -26,11 +26,13 @@ from kernel_refs import (  # noqa: E402
     make_kv_cache,
     make_req_to_token,
     ref_decode_attention,
+    ref_extend_attention,
     ref_store_kv,
     rel_err,
 )
 
 from kestrel.kernels.decode_attention import decode_attention, decode_workspace_size  # noqa: E402
+from kestrel.kernels.extend_attention import extend_attention  # noqa: E402
 from kestrel.kernels.store_kv import store_kv  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
@@ -180,6 +182,81 @@ def test_decode_attention_rejects_bad_inputs():
         decode_attention(*args, 0)
     with pytest.raises(ValueError, match="share one dtype"):
         decode_attention(q, k_cache, v_cache, req_to_token, req_rows, seq_lens, out.bfloat16(), 0.1, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# extend_attention
+# ---------------------------------------------------------------------------------------------
+
+# (cached prefix, new tokens) per request: fresh prompts, a one-token prompt, prefixes of 1 and of
+# many positions (a multiple of BLOCK_N and not), and q_len 1 requests mixed in (decode in a prefill step).
+EXTEND_CASES = ([(0, 1), (0, 37), (1, 20), (45, 70), (100, 1), (64, 33)] if not ON_GPU else
+                [(0, 1), (0, 300), (1, 129), (700, 257), (2000, 1), (128, 512), (5, 64), (63, 2)])
+
+
+def _extend_case(cases, num_heads, num_kv_heads, head_dim, dtype, seed):
+    gen = _gen(seed)
+    q_lens = [q_len for _, q_len in cases]
+    seq_lens = [prefix + q_len for prefix, q_len in cases]
+    num_slots = sum(seq_lens) + 50
+    k_cache, v_cache = make_kv_cache(num_slots, num_kv_heads, head_dim, dtype, "cpu", gen)
+    req_to_token, req_rows = make_req_to_token(seq_lens, num_slots, max(seq_lens) + 9, DEVICE, gen)
+    q, _, _ = _qkv_views(sum(q_lens), num_heads, num_kv_heads, head_dim, dtype, gen)
+    q_start_loc = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0).to(torch.int32).to(DEVICE)
+    seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    return q, k_cache.to(DEVICE), v_cache.to(DEVICE), req_to_token, req_rows, q_start_loc, seq_lens_t, max(q_lens)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(2, 2, 32), (8, 2, 64), (8, 1, 32)])
+def test_extend_attention(dtype, num_heads, num_kv_heads, head_dim):
+    q, k_cache, v_cache, req_to_token, req_rows, q_start_loc, seq_lens, max_q_len = _extend_case(
+        EXTEND_CASES, num_heads, num_kv_heads, head_dim, dtype, seed=6)
+    assert not q.is_contiguous()
+    sm_scale = head_dim ** -0.5
+    out = torch.full(q.shape, float("nan"), dtype=dtype, device=DEVICE)
+    result = extend_attention(q, k_cache, v_cache, req_to_token, req_rows, q_start_loc, seq_lens, out,
+                              sm_scale, max_q_len)
+    assert result is out
+    ref = ref_extend_attention(q, k_cache, v_cache, req_to_token, req_rows, q_start_loc, seq_lens, sm_scale)
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(4, 1, 128), (6, 3, 48)])
+def test_extend_attention_other_head_dims(dtype, num_heads, num_kv_heads, head_dim):
+    cases = [(0, 9), (70, 3), (2, 1)] if not ON_GPU else [(0, 900), (1000, 300), (2, 1)]
+    q, k_cache, v_cache, req_to_token, req_rows, q_start_loc, seq_lens, max_q_len = _extend_case(
+        cases, num_heads, num_kv_heads, head_dim, dtype, seed=7)
+    out = torch.full(q.shape, float("nan"), dtype=dtype, device=DEVICE)
+    extend_attention(q, k_cache, v_cache, req_to_token, req_rows, q_start_loc, seq_lens, out, 0.1, max_q_len)
+    ref = ref_extend_attention(q, k_cache, v_cache, req_to_token, req_rows, q_start_loc, seq_lens, 0.1)
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+def test_extend_matches_decode_for_single_tokens():
+    """q_len 1 everywhere: extend and decode are the same maths."""
+    cases = [(0, 1), (40, 1), (99, 1)]
+    q, k_cache, v_cache, req_to_token, req_rows, q_start_loc, seq_lens, _ = _extend_case(
+        cases, 4, 2, 32, torch.float32, seed=8)
+    out_extend = torch.full(q.shape, float("nan"), device=DEVICE)
+    out_decode = torch.full(q.shape, float("nan"), device=DEVICE)
+    extend_attention(q, k_cache, v_cache, req_to_token, req_rows, q_start_loc, seq_lens, out_extend, 0.2, 1)
+    decode_attention(q, k_cache, v_cache, req_to_token, req_rows, seq_lens, out_decode, 0.2, 2)
+    assert rel_err(out_extend, out_decode) < 1e-5
+
+
+def test_extend_attention_rejects_bad_inputs():
+    q, k_cache, v_cache, req_to_token, req_rows, q_start_loc, seq_lens, max_q_len = _extend_case(
+        [(0, 3), (2, 2)], 4, 2, 32, torch.float32, seed=9)
+    out = torch.empty(q.shape, device=DEVICE)
+    with pytest.raises(ValueError, match="q_start_loc"):
+        extend_attention(q, k_cache, v_cache, req_to_token, req_rows, q_start_loc[:-1], seq_lens, out, 0.1, 3)
+    with pytest.raises(ValueError, match="max_query_len"):
+        extend_attention(q, k_cache, v_cache, req_to_token, req_rows, q_start_loc, seq_lens, out, 0.1, 3.0)
+    with pytest.raises(ValueError, match="contiguous"):
+        extend_attention(q, k_cache[:, :1], v_cache[:, :1], req_to_token, req_rows, q_start_loc, seq_lens,
+                         out, 0.1, 3)
 
 
 def test_kernel_modules_import_without_triton():

@@ -27,12 +27,15 @@ from kernel_refs import (  # noqa: E402
     make_req_to_token,
     ref_decode_attention,
     ref_extend_attention,
+    ref_fused_add_rms_norm,
+    ref_rms_norm,
     ref_store_kv,
     rel_err,
 )
 
 from kestrel.kernels.decode_attention import decode_attention, decode_workspace_size  # noqa: E402
 from kestrel.kernels.extend_attention import extend_attention  # noqa: E402
+from kestrel.kernels.rmsnorm import fused_add_rms_norm, rms_norm  # noqa: E402
 from kestrel.kernels.store_kv import store_kv  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
@@ -257,6 +260,61 @@ def test_extend_attention_rejects_bad_inputs():
     with pytest.raises(ValueError, match="contiguous"):
         extend_attention(q, k_cache[:, :1], v_cache[:, :1], req_to_token, req_rows, q_start_loc, seq_lens,
                          out, 0.1, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# rms_norm, fused_add_rms_norm
+# ---------------------------------------------------------------------------------------------
+
+NORM_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+def _norm_inputs(num_tokens, hidden, dtype, seed):
+    """x as a strided view (every other row of a bigger buffer), a residual, and a weight near 1."""
+    gen = _gen(seed)
+    x = (torch.randn(2 * num_tokens, hidden + 3, generator=gen) * 3).to(dtype).to(DEVICE)[::2, :hidden]
+    residual = torch.randn(num_tokens, hidden, generator=gen).to(dtype).to(DEVICE)
+    weight = (1 + 0.1 * torch.randn(hidden, generator=gen)).to(dtype).to(DEVICE)
+    return x, residual, weight
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", [64, 100])
+def test_rms_norm(dtype, hidden):
+    num_tokens = 7 if not ON_GPU else 300
+    x, _, weight = _norm_inputs(num_tokens, hidden if not ON_GPU else hidden * 41, dtype, seed=10)
+    assert not x.is_contiguous()
+    out = torch.full(x.shape, float("nan"), dtype=dtype, device=DEVICE)
+    assert rms_norm(x, weight, 1e-5, out) is out
+    ref = ref_rms_norm(x, weight, 1e-5)
+    assert rel_err(out, ref) < NORM_TOL[dtype]
+    assert rel_err(rms_norm(x, weight, 1e-5), ref) < NORM_TOL[dtype]  # out allocated inside
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", [64, 100])
+def test_fused_add_rms_norm(dtype, hidden):
+    num_tokens = 7 if not ON_GPU else 300
+    x, residual, weight = _norm_inputs(num_tokens, hidden if not ON_GPU else hidden * 41, dtype, seed=11)
+    ref_out, ref_residual = ref_fused_add_rms_norm(x, residual, weight, 1e-6)
+    out, new_residual = fused_add_rms_norm(x, residual, weight, 1e-6)
+    assert out is x and new_residual is residual  # in place
+    if ON_GPU or dtype == torch.float32:
+        assert torch.equal(residual, ref_residual)  # the sum, rounded to the dtype: exact
+    else:  # the interpreter rounds float32 -> bf16 toward zero where the GPU rounds to nearest: 1 ulp
+        ulp = ref_residual.float().abs() * 2.0 ** -7
+        assert ((residual.float() - ref_residual.float()).abs() <= ulp).all()
+    assert rel_err(x, ref_out) < NORM_TOL[dtype]
+
+
+def test_rms_norm_rejects_bad_inputs():
+    x = torch.randn(4, 64, device=DEVICE)
+    with pytest.raises(ValueError, match="weight"):
+        rms_norm(x, torch.ones(64, dtype=torch.bfloat16, device=DEVICE), 1e-5)
+    with pytest.raises(ValueError, match="residual"):
+        fused_add_rms_norm(x, torch.randn(4, 32, device=DEVICE), torch.ones(64, device=DEVICE), 1e-5)
+    with pytest.raises(ValueError, match="contiguous last dim"):
+        rms_norm(x.t().contiguous().t(), torch.ones(64, device=DEVICE), 1e-5)
 
 
 def test_kernel_modules_import_without_triton():

@@ -25,10 +25,12 @@ triton = pytest.importorskip("triton")
 from kernel_refs import (  # noqa: E402
     make_kv_cache,
     make_req_to_token,
+    make_rope_tables,
     ref_decode_attention,
     ref_extend_attention,
     ref_fused_add_rms_norm,
     ref_rms_norm,
+    ref_rotary,
     ref_store_kv,
     rel_err,
 )
@@ -36,6 +38,7 @@ from kernel_refs import (  # noqa: E402
 from kestrel.kernels.decode_attention import decode_attention, decode_workspace_size  # noqa: E402
 from kestrel.kernels.extend_attention import extend_attention  # noqa: E402
 from kestrel.kernels.rmsnorm import fused_add_rms_norm, rms_norm  # noqa: E402
+from kestrel.kernels.rotary import apply_rotary  # noqa: E402
 from kestrel.kernels.store_kv import store_kv  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
@@ -315,6 +318,42 @@ def test_rms_norm_rejects_bad_inputs():
         fused_add_rms_norm(x, torch.randn(4, 32, device=DEVICE), torch.ones(64, device=DEVICE), 1e-5)
     with pytest.raises(ValueError, match="contiguous last dim"):
         rms_norm(x.t().contiguous().t(), torch.ones(64, device=DEVICE), 1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# apply_rotary
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(2, 2, 32), (8, 2, 64), (3, 1, 48)])
+@pytest.mark.parametrize("pos_dtype", [torch.int32, torch.int64])
+def test_apply_rotary_on_qkv_views(dtype, num_heads, num_kv_heads, head_dim, pos_dtype):
+    gen = _gen(12)
+    num_tokens, max_position = (11, 64) if not ON_GPU else (500, 8192)
+    q, k, v = _qkv_views(num_tokens, num_heads, num_kv_heads, head_dim, dtype, gen)
+    cos, sin = make_rope_tables(max_position, head_dim, device=DEVICE)
+    positions = torch.randint(0, max_position, (num_tokens,), generator=gen)
+    positions[:3] = torch.tensor([0, max_position - 1, 5])
+    positions = positions.to(pos_dtype).to(DEVICE)
+    ref_q, ref_k = ref_rotary(q, positions, cos, sin), ref_rotary(k, positions, cos, sin)
+    v_before = v.clone()
+
+    apply_rotary(q, k, positions, cos, sin)
+    tol = 1e-6 if dtype == torch.float32 else TOL[dtype]
+    assert rel_err(q, ref_q) < tol and rel_err(k, ref_k) < tol
+    assert torch.equal(v, v_before)  # the rest of the fused buffer is untouched
+
+
+def test_apply_rotary_rejects_bad_inputs():
+    q = torch.randn(4, 2, 32, device=DEVICE)
+    cos, sin = make_rope_tables(16, 32, device=DEVICE)
+    pos = torch.zeros(4, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="cos must be"):
+        apply_rotary(q, q.clone(), pos, cos.double(), sin)
+    with pytest.raises(ValueError, match="positions"):
+        apply_rotary(q, q.clone(), pos[:2], cos, sin)
+    with pytest.raises(ValueError, match="one dtype"):
+        apply_rotary(q, q.bfloat16(), pos, cos, sin)
 
 
 def test_kernel_modules_import_without_triton():

@@ -15,8 +15,8 @@ import torch
 
 # The interpreter is chosen when a kernel is decorated, i.e. when its module is first imported,
 # so this must come before anything imports triton or a kernel module.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+if not torch.cuda.is_available() and not os.environ.get("TRITON_INTERPRET"):
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
 
@@ -31,6 +31,7 @@ from kernel_refs import (  # noqa: E402
     ref_fused_add_rms_norm,
     ref_rms_norm,
     ref_rotary,
+    ref_silu_and_mul,
     ref_store_kv,
     rel_err,
 )
@@ -39,6 +40,7 @@ from kestrel.kernels.decode_attention import decode_attention, decode_workspace_
 from kestrel.kernels.extend_attention import extend_attention  # noqa: E402
 from kestrel.kernels.rmsnorm import fused_add_rms_norm, rms_norm  # noqa: E402
 from kestrel.kernels.rotary import apply_rotary  # noqa: E402
+from kestrel.kernels.silu_and_mul import silu_and_mul  # noqa: E402
 from kestrel.kernels.store_kv import store_kv  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
@@ -143,8 +145,8 @@ def _decode_case(seq_lens, num_heads, num_kv_heads, head_dim, dtype, seed):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(2, 2, 32), (8, 2, 64), (8, 1, 32)])
-@pytest.mark.parametrize("num_kv_splits", [1, 3])
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,num_kv_splits",
+                         [(2, 2, 32, 1), (8, 2, 64, 3), (8, 1, 32, 4), (4, 2, 32, 16)])
 def test_decode_attention(dtype, num_heads, num_kv_heads, head_dim, num_kv_splits):
     q, k_cache, v_cache, req_to_token, req_rows, seq_lens = _decode_case(
         DECODE_SEQ_LENS, num_heads, num_kv_heads, head_dim, dtype, seed=3)
@@ -354,6 +356,34 @@ def test_apply_rotary_rejects_bad_inputs():
         apply_rotary(q, q.clone(), pos[:2], cos, sin)
     with pytest.raises(ValueError, match="one dtype"):
         apply_rotary(q, q.bfloat16(), pos, cos, sin)
+
+
+# ---------------------------------------------------------------------------------------------
+# silu_and_mul
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # exp(100) = inf, then gate / inf = -0
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("intermediate", [100, 1500])
+def test_silu_and_mul(dtype, intermediate):
+    gen = _gen(13)
+    num_tokens = 5 if not ON_GPU else 300
+    x = (torch.randn(num_tokens, 2 * intermediate + 8, generator=gen) * 3)[:, :2 * intermediate]  # strided rows
+    x[0, :4] = torch.tensor([-100.0, 100.0, -30.0, 0.0])  # silu saturates, no inf/NaN
+    x = x.to(dtype).to(DEVICE)
+    out = torch.full((num_tokens, intermediate), float("nan"), dtype=dtype, device=DEVICE)
+    assert silu_and_mul(x, out) is out
+    ref = ref_silu_and_mul(x)
+    tol = 1e-6 if dtype == torch.float32 else TOL[dtype]
+    assert rel_err(out, ref) < tol
+    assert rel_err(silu_and_mul(x), ref) < tol
+
+
+def test_silu_and_mul_rejects_bad_inputs():
+    with pytest.raises(ValueError, match="2 \\* intermediate"):
+        silu_and_mul(torch.randn(3, 7, device=DEVICE))
+    with pytest.raises(ValueError, match="out must be"):
+        silu_and_mul(torch.randn(3, 8, device=DEVICE), torch.empty(3, 8, device=DEVICE))
 
 
 def test_kernel_modules_import_without_triton():

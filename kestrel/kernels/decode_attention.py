@@ -16,6 +16,10 @@ Workspace layout (float32, `decode_workspace_size` elements for the largest batc
 `[B, H, S, D]` partial outputs, then `[B, H, S]` base-2 log-sum-exps of the scaled
 scores (S = num_kv_splits). An empty split writes a zero output and -inf.
 
+Block sizes: BLOCK_H = max(16, next_pow2(num_heads // num_kv_heads)) query rows, BLOCK_N = 64
+positions per step (32 for float32 or head_dim > 128), 4 warps. float32 dots use 3xTF32
+on the GPU (about float32 accuracy), 16-bit dots the tensor cores with float32 accumulation.
+
 CUDA graphs: the launcher reads no device value on the host. Each request's split
 length is computed on the device from its seq_len (ceil(seq_len / S), rounded up to
 BLOCK_N), so a graph captured once serves any lengths. A request with seq_len 0
@@ -184,13 +188,15 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
     group = num_heads // num_kv_heads
     block_d = triton.next_power_of_2(head_dim)
+    is_fp32 = q.dtype == torch.float32
     _decode_partial_kernel[(batch, num_kv_heads, num_kv_splits)](
         q, k_cache, v_cache, req_to_token, req_rows, seq_lens, part_out, part_lse,
         q.stride(0), q.stride(1), req_to_token.stride(0),
         sm_scale * _LOG2E,
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, NUM_SPLITS=num_kv_splits,
-        GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=64 if head_dim <= 128 else 32,
-        BLOCK_D=block_d, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)),
+        BLOCK_N=64 if head_dim <= 128 and not is_fp32 else 32, BLOCK_D=block_d,
+        DOT_PRECISION="tf32x3" if is_fp32 else "tf32",
         UPCAST_DOT=q.device.type == "cpu",  # the interpreter of Triton 3.9 multiplies bf16 dots as integers
         num_warps=4, num_stages=2,
     )

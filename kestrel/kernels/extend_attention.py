@@ -16,6 +16,10 @@ the whole group. Online softmax in float32 (base 2), tl.dot for q k^T and p v.
 Keys below the tile's first query position are visible to every row and take an
 unmasked loop; only the last blocks (the diagonal) are masked. Tiles are started
 last-first, so the longest (most keys) run first.
+
+Block sizes: BLOCK_M = 128 rows for 16-bit dtypes (64 for float32), BLOCK_T = BLOCK_M //
+GROUP_PAD, BLOCK_N = 64 keys per step (32 for float32), 8 warps (4 for float32 with
+head_dim <= 64). float32 dots use 3xTF32 on the GPU (about float32 accuracy).
 """
 
 from __future__ import annotations
@@ -177,8 +181,8 @@ def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         sm_scale * _LOG2E,
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, GROUP=group, GROUP_PAD=group_pad,
         BLOCK_T=block_t, BLOCK_M=block_t * group_pad, BLOCK_N=32 if is_fp32 else 64, BLOCK_D=block_d,
-        DOT_PRECISION="ieee" if is_fp32 else "tf32",
+        DOT_PRECISION="tf32x3" if is_fp32 else "tf32",
         UPCAST_DOT=q.device.type == "cpu",  # the interpreter of Triton 3.9 multiplies bf16 dots as integers
-        num_warps=8 if block_t * group_pad * block_d >= 128 * 128 else 4, num_stages=2,
+        num_warps=8 if not is_fp32 or head_dim > 64 else 4, num_stages=2,
     )
     return out

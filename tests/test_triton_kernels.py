@@ -1,9 +1,9 @@
 """Triton kernels of `kestrel/kernels/` against their plain-torch references (`tests/kernel_refs.py`).
 
 Without a CUDA device the kernels run on CPU under the Triton interpreter, on tiny
-shapes; with one, the same tests run on the GPU at somewhat larger shapes. Every
-output is poisoned with NaN before the call, so an element a kernel fails to write
-fails the test.
+shapes; with one, the same tests run on the GPU at somewhat larger shapes. Every output
+that is not written in place is poisoned with NaN before the call, so an element a kernel
+fails to write fails the test.
 """
 
 from __future__ import annotations

@@ -1,0 +1,188 @@
+"""Prefill / extend attention over the slot-table KV cache: causal flash attention, GQA-aware (Triton).
+
+The batch is flat: request r owns query tokens [q_start_loc[r], q_start_loc[r + 1]),
+q_len of them, at positions [seq_len - q_len, seq_len) after a cached prefix of
+seq_len - q_len positions. All keys/values, the new tokens' included (store_kv has
+already written them), are read from `k_cache`/`v_cache [num_slots, num_kv_heads,
+head_dim]` at slots `req_to_token[req_rows[r], position]`. The query at position p
+attends the positions <= p. This one kernel covers a fresh prompt (prefix 0), a
+chunk of a chunked prefill, a prompt whose prefix is cached, and q_len == 1 requests
+mixed into a prefill step.
+
+One program per (tile of BLOCK_T query tokens, request, kv head). Its BLOCK_M =
+BLOCK_T * GROUP_PAD rows are (token, query head) pairs: all query heads that share
+the kv head, padded to a power of two, so each key/value block is loaded once for
+the whole group. Online softmax in float32 (base 2), tl.dot for q k^T and p v.
+Keys below the tile's first query position are visible to every row and take an
+unmasked loop; only the last blocks (the diagonal) are masked. Tiles are started
+last-first, so the longest (most keys) run first.
+
+Block sizes: BLOCK_M = 128 rows for 16-bit dtypes (64 for float32), BLOCK_T = BLOCK_M //
+GROUP_PAD, BLOCK_N = 64 keys per step (32 for float32), 8 warps (4 for float32 with
+head_dim <= 64). float32 dots use 3xTF32 on the GPU (about float32 accuracy).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kestrel.kernels.triton_compat import tl, triton
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attend_block(
+    acc, l_i, m_i, q, q_pos, block_start, kv_end, table_ptr, k_cache_ptr, v_cache_ptr, kv_head_offset,
+    d, dim_ok, qk_scale,
+    NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    """One key/value block of the online softmax; MASKED applies causality and the kv_end bound."""
+    pos = block_start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    pos_ok = pos < kv_end
+    slots = tl.load(table_ptr + pos, mask=pos_ok, other=0).to(tl.int64)
+    row_offsets = slots * (NUM_KV_HEADS * HEAD_DIM) + kv_head_offset
+    k = tl.load(k_cache_ptr + row_offsets[None, :] + d[:, None],
+                mask=dim_ok[:, None] & pos_ok[None, :], other=0.0)  # [BLOCK_D, BLOCK_N]
+    v = tl.load(v_cache_ptr + row_offsets[:, None] + d[None, :],
+                mask=pos_ok[:, None] & dim_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+    if UPCAST_DOT:
+        k = k.to(tl.float32)
+    scores = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+    if MASKED:
+        visible = (pos[None, :] <= q_pos[:, None]) & pos_ok[None, :]
+        scores = tl.where(visible, scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(scores - m_new[:, None])  # [BLOCK_M, BLOCK_N]
+    l_i = l_i * alpha + tl.sum(p, 1)
+    p = p.to(v.dtype)
+    if UPCAST_DOT:
+        p = p.to(tl.float32)
+        v = v.to(tl.float32)
+    acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _extend_attention_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, req_to_token_ptr, req_rows_ptr, q_start_loc_ptr, seq_lens_ptr, out_ptr,
+    stride_q_tok, stride_q_head, stride_o_tok, stride_o_head, stride_table_row,
+    qk_scale,
+    NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    tile = tl.num_programs(0) - 1 - tl.program_id(0)  # last tiles (most keys) first
+    req = tl.program_id(1)
+    kv_head = tl.program_id(2)
+    q_start = tl.load(q_start_loc_ptr + req)
+    q_len = tl.load(q_start_loc_ptr + req + 1) - q_start
+    if tile * BLOCK_T >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + req)
+    prefix_len = seq_len - q_len
+    row = tl.load(req_rows_ptr + req).to(tl.int64)
+
+    m = tl.arange(0, BLOCK_M)
+    tok = tile * BLOCK_T + m // GROUP_PAD  # [BLOCK_M] query token within the request
+    g = m % GROUP_PAD
+    d = tl.arange(0, BLOCK_D)
+    dim_ok = d < HEAD_DIM
+    row_ok = (tok < q_len) & (g < GROUP)
+    head = kv_head * GROUP + g
+    q_rows = (q_start + tok).to(tl.int64) * stride_q_tok + head * stride_q_head  # [BLOCK_M]
+    q = tl.load(q_ptr + q_rows[:, None] + d[None, :], mask=row_ok[:, None] & dim_ok[None, :],
+                other=0.0)  # [BLOCK_M, BLOCK_D]
+    if UPCAST_DOT:
+        q = q.to(tl.float32)
+    q_pos = prefix_len + tok  # [BLOCK_M]
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    table_ptr = req_to_token_ptr + row * stride_table_row
+    kv_head_offset = kv_head * HEAD_DIM
+    kv_end = tl.minimum(seq_len, prefix_len + (tile + 1) * BLOCK_T)  # past the tile's last query
+    # Every row of the tile sees the positions before its first query.
+    unmasked_end = (prefix_len + tile * BLOCK_T) // BLOCK_N * BLOCK_N
+    for block_start in range(0, unmasked_end, BLOCK_N):
+        acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, q_pos, block_start, kv_end, table_ptr, k_cache_ptr,
+                                      v_cache_ptr, kv_head_offset, d, dim_ok, qk_scale, NUM_KV_HEADS, HEAD_DIM,
+                                      BLOCK_N, False, DOT_PRECISION, UPCAST_DOT)
+    for block_start in range(unmasked_end, kv_end, BLOCK_N):
+        acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, q_pos, block_start, kv_end, table_ptr, k_cache_ptr,
+                                      v_cache_ptr, kv_head_offset, d, dim_ok, qk_scale, NUM_KV_HEADS, HEAD_DIM,
+                                      BLOCK_N, True, DOT_PRECISION, UPCAST_DOT)
+
+    out = acc / l_i[:, None]  # every row saw position 0, so l_i > 0
+    o_rows = (q_start + tok).to(tl.int64) * stride_o_tok + head * stride_o_head
+    tl.store(out_ptr + o_rows[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & dim_ok[None, :])
+
+
+def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, req_to_token: torch.Tensor,
+                     req_rows: torch.Tensor, q_start_loc: torch.Tensor, seq_lens: torch.Tensor, out: torch.Tensor,
+                     sm_scale: float, max_query_len: int) -> torch.Tensor:
+    """Causal attention of each request's new tokens over its cached prefix and themselves; returns out.
+
+    q, out: [num_tokens, num_heads, head_dim], last dim contiguous (q may be a view into a qkv buffer).
+    k_cache, v_cache: [num_slots, num_kv_heads, head_dim], contiguous, q's dtype; num_heads % num_kv_heads == 0.
+    req_to_token: [max_num_seqs, max_model_len] int32 (or int64), last dim contiguous.
+    req_rows, seq_lens: [R] int32 (or int64); q_start_loc: [R + 1] int32 (or int64), q_start_loc[R] ==
+    num_tokens and 1 <= q_len <= seq_len for every request (not checked: no host sync).
+    max_query_len: the largest q_len (host int), used only to size the grid.
+    """
+    if q.dim() != 3 or out.shape != q.shape:
+        raise ValueError(f"q and out must both be [num_tokens, num_heads, head_dim]; got {tuple(q.shape)} "
+                         f"and {tuple(out.shape)}")
+    num_tokens, num_heads, head_dim = q.shape
+    if k_cache.dim() != 3 or k_cache.shape[2] != head_dim or v_cache.shape != k_cache.shape:
+        raise ValueError(f"k_cache and v_cache must both be [num_slots, num_kv_heads, {head_dim}]; got "
+                         f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    num_kv_heads = k_cache.shape[1]
+    if num_heads % num_kv_heads != 0:
+        raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+    if not 16 <= head_dim <= 256:
+        raise ValueError(f"head_dim must be in [16, 256]; got {head_dim}")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("k_cache and v_cache must be contiguous")
+    if q.stride(2) != 1 or out.stride(2) != 1:
+        raise ValueError(f"q and out need a contiguous last dim; got strides {q.stride()} and {out.stride()}")
+    if not (q.dtype == out.dtype == k_cache.dtype == v_cache.dtype):
+        raise ValueError(f"q, out, k_cache, v_cache must share one dtype; got {q.dtype}, {out.dtype}, "
+                         f"{k_cache.dtype}, {v_cache.dtype}")
+    if req_to_token.dim() != 2 or req_to_token.stride(1) != 1 or req_to_token.dtype not in (torch.int32, torch.int64):
+        raise ValueError("req_to_token must be a [max_num_seqs, max_model_len] int32 table with a contiguous last dim")
+    num_reqs = req_rows.shape[0] if req_rows.dim() == 1 else -1
+    for name, t, n in (("req_rows", req_rows, num_reqs), ("seq_lens", seq_lens, num_reqs),
+                       ("q_start_loc", q_start_loc, num_reqs + 1)):
+        if t.shape != (n,) or t.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{name} must be [{n}] int32 (req_rows [R], seq_lens [R], q_start_loc [R + 1]); "
+                             f"got {tuple(t.shape)} {t.dtype}")
+    if not isinstance(max_query_len, int) or max_query_len < 0:
+        raise ValueError(f"max_query_len must be a non-negative int; got {max_query_len!r}")
+    if len({t.device for t in (q, k_cache, v_cache, req_to_token, req_rows, q_start_loc, seq_lens, out)}) != 1:
+        raise ValueError("all tensors of extend_attention must be on one device")
+    if num_tokens == 0 or num_reqs == 0 or max_query_len == 0:
+        return out
+
+    group = num_heads // num_kv_heads
+    group_pad = triton.next_power_of_2(group)
+    is_fp32 = q.dtype == torch.float32
+    block_m = 64 if is_fp32 else 128  # rows = (token, head) pairs per program
+    block_t = max(1, block_m // group_pad)
+    block_d = triton.next_power_of_2(head_dim)
+    grid = (triton.cdiv(max_query_len, block_t), num_reqs, num_kv_heads)
+    _extend_attention_kernel[grid](
+        q, k_cache, v_cache, req_to_token, req_rows, q_start_loc, seq_lens, out,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), req_to_token.stride(0),
+        sm_scale * _LOG2E,
+        NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, GROUP=group, GROUP_PAD=group_pad,
+        BLOCK_T=block_t, BLOCK_M=block_t * group_pad, BLOCK_N=32 if is_fp32 else 64, BLOCK_D=block_d,
+        DOT_PRECISION="tf32x3" if is_fp32 else "tf32",
+        UPCAST_DOT=q.device.type == "cpu",  # the interpreter of Triton 3.9 multiplies bf16 dots as integers
+        num_warps=8 if not is_fp32 or head_dim > 64 else 4, num_stages=2,
+    )
+    return out

@@ -112,11 +112,11 @@ class OfflineResult:
         return json.dumps(asdict(self), indent=2)
 
 
-def run_offline(config: EngineConfig, spec: OfflineSpec) -> OfflineResult:
-    """Benchmark the Kestrel engine on `spec` (see the module docstring)."""
+def run_offline(config: EngineConfig, spec: OfflineSpec, engine: Engine | None = None) -> OfflineResult:
+    """Benchmark the Kestrel engine on `spec` (see the module docstring); `engine`: reuse one built from `config`."""
     if config.max_num_seqs != spec.batch_size:
         raise ValueError("spec.batch_size must equal config.max_num_seqs")
-    engine = Engine(config)
+    engine = engine or Engine(config)
     if spec.input_len + spec.output_len > engine.max_model_len:
         raise ValueError(f"input-len + output-len = {spec.input_len + spec.output_len} exceeds the "
                          f"context length {engine.max_model_len}; lower them or raise --max-model-len")

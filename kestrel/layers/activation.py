@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """x: [T, 2 * I] (gate then up) -> [T, I]; one Triton kernel on CUDA."""
-    if x.is_cuda:
+def silu_and_mul(x: torch.Tensor, use_triton: bool = False) -> torch.Tensor:
+    """x: [T, 2 * I] (gate then up) -> [T, I]; one Triton kernel when `use_triton`."""
+    if use_triton:
         from kestrel.kernels.silu_and_mul import silu_and_mul as fused
 
         return fused(x)

@@ -1,4 +1,4 @@
-"""RMSNorm with an optional fused residual add (one Triton kernel on CUDA)."""
+"""RMSNorm with an optional fused residual add (one Triton kernel when `use_triton`)."""
 
 from __future__ import annotations
 
@@ -8,17 +8,18 @@ from torch import nn
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float) -> None:
+    def __init__(self, hidden_size: int, eps: float, use_triton: bool = False) -> None:
         super().__init__()
         self.eps = eps
+        self.use_triton = use_triton
         self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """x: [T, hidden]. With `residual`, returns (norm(x + residual), x + residual).
 
-        On CUDA one Triton kernel does the add and the norm (in place on x and residual).
+        With `use_triton` one kernel does the add and the norm (in place on x and residual).
         """
-        if x.is_cuda:
+        if self.use_triton:
             from kestrel.kernels.rmsnorm import fused_add_rms_norm, rms_norm
 
             if residual is None:

@@ -3,7 +3,7 @@
 Supports plain RoPE, "linear" scaling and Llama 3's "llama3" frequency scaling.
 cos/sin are precomputed once for every position up to max_position. A forward pass asks once for
 the `Rope` of its positions; each layer then rotates its stacked q and k heads with it: in torch
-on CPU (cos/sin gathered once per forward), in place with a Triton kernel on CUDA.
+(cos/sin gathered once per forward), or in place with a Triton kernel when `use_triton`.
 """
 
 from __future__ import annotations
@@ -41,9 +41,11 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    def __init__(self, head_dim: int, max_position: int, theta: float, scaling: dict | None = None) -> None:
+    def __init__(self, head_dim: int, max_position: int, theta: float, scaling: dict | None = None,
+                 use_triton: bool = False) -> None:
         super().__init__()
         self.head_dim = head_dim
+        self.use_triton = use_triton
         inv_freq = _inv_freq(head_dim, theta, scaling)
         pos = torch.arange(max_position, dtype=torch.float32)
         freqs = torch.outer(pos, inv_freq)  # [max_position, head_dim / 2]
@@ -52,7 +54,7 @@ class RotaryEmbedding(nn.Module):
 
     def for_positions(self, positions: torch.Tensor) -> Rope:
         """positions: [T] -> the `Rope` every layer of this forward pass uses."""
-        if positions.is_cuda:
+        if self.use_triton:
             return Rope(positions, self.cos, self.sin, None, None)
         return Rope(positions, self.cos, self.sin, self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1))
 
@@ -69,7 +71,7 @@ class Rope(NamedTuple):
     def rotate(self, qk: torch.Tensor, num_q_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
         """qk: [T, H + KH, D], the q heads then the k heads -> (q [T, H, D], k [T, KH, D]) rotated.
 
-        On CUDA the rotation is done in place; on CPU a rotated copy is made.
+        The Triton kernel rotates in place; the torch path makes a rotated copy.
         """
         if self.cos is None:
             from kestrel.kernels.rotary import apply_rotary

@@ -7,7 +7,8 @@
 - `CausalLM`: a `DecoderModel` plus the LM head (tied or not) and name-mapped weight loading.
 
 Input is a flat batch of tokens (no padding); attention gets its per-step metadata and KV caches
-through an explicit `AttentionContext`. Every parallel layer is built for the `TPGroup` it is given.
+through an explicit `AttentionContext`. Every parallel layer is built for the `TPGroup` it is given;
+`use_triton` swaps RMSNorm, RoPE and SiLU-and-mul for their fused Triton kernels (the GPU path).
 """
 
 from __future__ import annotations
@@ -49,22 +50,23 @@ class RotaryAttention(nn.Module):
 
 
 class GatedMLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: TPGroup) -> None:
+    def __init__(self, cfg: ModelConfig, tp: TPGroup, use_triton: bool) -> None:
         super().__init__()
+        self.use_triton = use_triton
         self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, tp=tp)
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, tp=tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))  # [T, hidden]
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x), self.use_triton))  # [T, hidden]
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_id: int, tp: TPGroup) -> None:
+    def __init__(self, cfg: ModelConfig, layer_id: int, tp: TPGroup, use_triton: bool) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, use_triton)
         self.self_attn = RotaryAttention(cfg, layer_id, tp)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = GatedMLP(cfg, tp)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, use_triton)
+        self.mlp = GatedMLP(cfg, tp, use_triton)
 
     def forward(self, rope, x, residual, ctx: AttentionContext):
         if residual is None:
@@ -78,12 +80,12 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_position: int, tp: TPGroup) -> None:
+    def __init__(self, cfg: ModelConfig, max_position: int, tp: TPGroup, use_triton: bool) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
-        self.rotary = RotaryEmbedding(cfg.head_dim, max_position, cfg.rope_theta, cfg.rope_scaling_dict)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, tp) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary = RotaryEmbedding(cfg.head_dim, max_position, cfg.rope_theta, cfg.rope_scaling_dict, use_triton)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, tp, use_triton) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, use_triton)
 
     def forward(self, input_ids, positions, ctx: AttentionContext) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # [T, hidden]
@@ -103,10 +105,11 @@ class CausalLM(nn.Module):
     config_defaults: dict = {}
     """ModelConfig fields this architecture implies when config.json does not say (e.g. q/k/v bias)."""
 
-    def __init__(self, cfg: ModelConfig, max_position: int, tp: TPGroup = SINGLE_RANK) -> None:
+    def __init__(self, cfg: ModelConfig, max_position: int, tp: TPGroup = SINGLE_RANK,
+                 use_triton: bool = False) -> None:
         super().__init__()
         self.cfg = cfg
-        self.model = DecoderModel(cfg, max_position, tp)
+        self.model = DecoderModel(cfg, max_position, tp, use_triton)
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp)
         if cfg.tie_word_embeddings:
             self.lm_head.tie_to(self.model.embed_tokens)

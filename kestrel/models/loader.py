@@ -46,11 +46,15 @@ def _arch_defaults(cfg: dict) -> dict:
 
 
 def build_model(path: str, cfg: ModelConfig, dtype: torch.dtype, device: str | torch.device,
-                max_position: int, load_format: str = "auto", show_progress: bool = True) -> torch.nn.Module:
-    """Instantiate the architecture and fill its weights (random ones for load_format='dummy')."""
+                max_position: int, load_format: str = "auto", show_progress: bool = True,
+                use_triton: bool = False) -> torch.nn.Module:
+    """Instantiate the architecture and fill its weights (random ones for load_format='dummy').
+
+    `use_triton`: norms, RoPE and the gated activation run as fused Triton kernels (the GPU path).
+    """
     cls = model_class(cfg.architecture)
     with torch.device(device), _default_dtype(dtype):  # parameters are born in `dtype`: no fp32 copy of an 8B model
-        model = cls(cfg, max_position)
+        model = cls(cfg, max_position, use_triton=use_triton)
         # RoPE tables: rounded to the model dtype (as Hugging Face applies them), kept in float32.
         for name, buf in model.named_buffers():
             if name.endswith(("cos", "sin")):

@@ -87,8 +87,8 @@ class PreparedBatch(NamedTuple):
     """Host-side summary of the rows, made once per step by `Sampler.prepare`."""
 
     num_rows: int
-    knob_table: torch.Tensor
-    """[num_rows, len(Knobs._fields)] float32 on CPU (pinned on CUDA); `Knobs` columns."""
+    knob_table: torch.Tensor | None
+    """[num_rows, len(Knobs._fields)] float32 on CPU, `Knobs` columns; None when every row is a plain argmax."""
     all_greedy: bool
     has_min_p: bool
     max_top_k: int
@@ -114,29 +114,31 @@ class Sampler:
         return self.sample(logits, self.prepare(rows, logits.device))
 
     def prepare(self, rows: Sequence[SamplingRow], device: torch.device | str = "cpu") -> PreparedBatch:
-        """Once per step, on the host: knobs, stage flags and every logits processor's state."""
+        """Once per step, on the host: knobs, stage flags and every logits processor's state.
+
+        An all-greedy step with no processor needs only an argmax: no knob table is built.
+        """
         device = torch.device(device)
         seeded_rows: list[tuple[int, torch.Generator]] = []
         max_logprobs: int | None = None
-        knob_rows = []
-        random = []
+        random = [not row.params.is_greedy for row in rows]
         for i, row in enumerate(rows):
             p = row.params
-            knob_rows.append(Knobs.host_row(p))
-            random.append(not p.is_greedy)
-            if row.generator is not None and not p.is_greedy:
+            if row.generator is not None and random[i]:
                 seeded_rows.append((i, row.generator))
             if p.logprobs is not None:
                 max_logprobs = p.logprobs if max_logprobs is None else max(max_logprobs, p.logprobs)
-        table = torch.tensor(knob_rows, dtype=torch.float32).reshape(len(rows), len(Knobs._fields))
-        if device.type == "cuda":
-            table = table.pin_memory()
         processors = [(proc, state) for proc in self._processors
                       if (state := proc.prepare(rows, device)) is not None]
+        all_greedy = not any(random)
+        table = None
+        if not (all_greedy and not processors):
+            table = torch.tensor([Knobs.host_row(row.params) for row in rows],
+                                 dtype=torch.float32).reshape(len(rows), len(Knobs._fields))
         return PreparedBatch(
             num_rows=len(rows),
             knob_table=table,
-            all_greedy=not any(random),
+            all_greedy=all_greedy,
             has_min_p=any(r and row.params.min_p > 0 for r, row in zip(random, rows)),
             max_top_k=max((row.params.top_k for r, row in zip(random, rows) if r), default=0),
             has_top_p=any(r and row.params.top_p < 1 for r, row in zip(random, rows)),

@@ -14,6 +14,7 @@ A decode step on a GPU replays a CUDA graph instead of the eager forward (`cuda_
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 
@@ -63,11 +64,12 @@ class Worker:
             logger.info("This CPU has bf16 instructions: --dtype bfloat16 runs ~1.6x faster "
                         "(results then depend slightly on batch composition).")
         max_model_len = resolve_max_model_len(config, mc)
+        backend_name = resolve_backend(config.attention_backend, self.device)
         self.model = build_model(model_path, mc, self.dtype, self.device, max_position=max_model_len,
-                                 load_format=config.load_format, show_progress=config.show_progress)
+                                 load_format=config.load_format, show_progress=config.show_progress,
+                                 use_triton=backend_name == "triton")
         if config.prepack_weights and (packed := pack_weights(self.model)):
             logger.info("%d linear layers run on oneDNN-packed weights (%s)", packed, self.dtype)
-        backend_name = resolve_backend(config.attention_backend, self.device)
         self.backend = create_backend(backend_name, num_heads=mc.num_heads, num_kv_heads=mc.num_kv_heads,
                                       head_dim=mc.head_dim, max_model_len=max_model_len, device=self.device,
                                       max_num_seqs=config.max_num_seqs)
@@ -113,17 +115,24 @@ class Worker:
 
     @torch.inference_mode()
     def _profile_step(self, mc: ModelConfig, max_model_len: int) -> None:
-        """The largest step once (a prefill of max_num_batched_tokens, logits of max_num_seqs rows), on scratch KV."""
+        """The largest step once, on scratch KV: max_num_batched_tokens of prefill (in requests of at most
+        max_model_len - 1 tokens) and the logits of max_num_seqs rows."""
         cfg = self.config
-        num_tokens = max(1, min(cfg.max_num_batched_tokens, max_model_len))
-        pool = KVPool(mc.num_layers, num_tokens, mc.num_kv_heads, mc.head_dim, self.dtype, self.device)
-        table = torch.arange(num_tokens, dtype=torch.int32, device=self.device).view(1, -1)
+        num_tokens = max(1, cfg.max_num_batched_tokens)
+        chunk = max(1, min(num_tokens, max_model_len - 1))
+        lens = [min(chunk, num_tokens - start) for start in range(0, num_tokens, chunk)]
         i32 = dict(dtype=torch.int32, device=self.device)
-        layout = BatchLayout([num_tokens], [num_tokens], torch.tensor([0, num_tokens], **i32),
-                             torch.tensor([num_tokens], **i32), torch.zeros(1, **i32), table, table[0])
+        pool = KVPool(mc.num_layers, num_tokens, mc.num_kv_heads, mc.head_dim, self.dtype, self.device)
+        table = torch.zeros(len(lens), max_model_len, **i32)
+        positions = torch.cat([torch.arange(n, **i32) for n in lens])  # [T]
+        for r, n in enumerate(lens):
+            table[r, :n] = torch.arange(r * chunk, r * chunk + n, **i32)
+        starts = [0, *itertools.accumulate(lens)]
+        layout = BatchLayout(lens, lens, torch.tensor(starts, **i32), torch.tensor(lens, **i32),
+                             torch.arange(len(lens), **i32), table, torch.arange(num_tokens, **i32))
         ctx = AttentionContext(self.backend, self.backend.prepare(layout), pool.layers())
         token_ids = torch.randint(0, mc.vocab_size, (num_tokens,), **i32)
-        hidden = self.model(token_ids, table[0], ctx)  # [T, hidden]
+        hidden = self.model(token_ids, positions, ctx)  # [T, hidden]
         rows = torch.arange(cfg.max_num_seqs, device=self.device) % num_tokens
         logits = self.model.compute_logits(hidden[rows]).float()  # [max_num_seqs, vocab]
         logits.softmax(dim=-1).cumsum(dim=-1)  # the sampler's largest temporaries

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Issue 7's GPU script: on a bare CUDA machine with no network, install the wheels carried in .whl,
+# check correctness, time the kernels and every workload, and print one table last.
+#
+#   bash benchmarks/gpu/run.sh [check|quick|bench|serve|all]   (default: all; results as JSON under $OUT)
+#   check: tests, correctness, kernels; quick: check + batch-1 and batch-64 latency; bench: every workload
+#
+# .whl holds: msgspec, gguf, pyzmq, fastapi + starlette + pydantic 2.12.5 + pydantic-core 2.41.5,
+# uvicorn, typing-inspection, annotated-types/doc, opentelemetry-api (fastapi needs it), and
+# .whl/smol-tokenizer (the bundled SmolLM2 tokenizer as tokenizer.json, for serving the dummy model).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-/tmp/kestrel-gpu}
+mkdir -p "$OUT"
+stage=${1:-all}
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  || { echo "wheel install failed"; exit 1; }
+export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+MODEL=benchmarks/gpu/llama-3.1-8b
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+
+if [[ $stage == check || $stage == quick || $stage == all ]]; then
+  python3 -m pytest -q -x -p no:cacheprovider tests/test_triton_kernels.py tests/test_triton_backend.py \
+    tests/test_sampler.py tests/test_worker.py 2>&1 | tail -15
+  python3 benchmarks/gpu/correctness.py --out "$OUT/correctness.json" 2>&1 | grep -v Warning
+  python3 benchmarks/gpu/kernels_check.py --out "$OUT/kernels.json" 2>&1 | tail -30
+fi
+
+if [[ $stage == quick ]]; then
+  python3 benchmarks/gpu/workloads.py --model "$MODEL" --out "$OUT/workloads.json" --only b1_128x512 b64_128x512 \
+    2>&1 | grep -v "^INFO"
+fi
+
+if [[ $stage == bench || $stage == all ]]; then
+  python3 benchmarks/gpu/workloads.py --model "$MODEL" --out "$OUT/workloads.json" 2>&1 | grep -v "^INFO"
+  python3 benchmarks/gpu/hf_peer.py --model "$MODEL" --out "$OUT/hf.json" 2>&1 | tail -2
+fi
+
+if [[ $stage == serve || $stage == all ]]; then
+  served=/tmp/llama-3.1-8b-dummy
+  mkdir -p $served && cp $MODEL/config.json .whl/smol-tokenizer/* $served/
+  python3 -m kestrel.cli serve $served --load-format dummy --port 8011 --max-model-len 4096 \
+    --max-num-seqs 256 --max-num-batched-tokens 8192 --disable-uvicorn-access-log > "$OUT/serve.log" 2>&1 &
+  server=$!
+  for _ in $(seq 240); do curl -sf localhost:8011/health > /dev/null && break; sleep 1; done
+  python3 -m kestrel.cli bench serve --base-url http://127.0.0.1:8011 --num-prompts 256 --max-concurrency 64 \
+    --random-input-len 128 --random-output-len 512 --tokenizer $served --save-result "$OUT/serve.json" 2>&1 | tail -25
+  kill $server; wait $server 2>/dev/null
+  tail -5 "$OUT/serve.log"
+fi
+
+python3 - "$OUT" <<'PY'
+import json, os, sys
+out = sys.argv[1]
+def load(name):
+    path = os.path.join(out, name)
+    return json.load(open(path)) if os.path.exists(path) else {}
+w, hf, c, s = load("workloads.json"), load("hf.json"), load("correctness.json"), load("serve.json")
+print("=" * 72)
+print(f"{'figure':<44}{'Kestrel':>12}{'goal':>14}")
+goals = {"startup_to_first_token_s": "<= 15 s", "b1_128x512": "<= 4.0 ms", "b64_128x512": ">= 10,900",
+         "n2000_256x256": ">= 16,300", "n500_1024x1024": ">= 9,950", "n200_2048x16": ">= 45,000"}
+for key, goal in goals.items():
+    v = w.get(key)
+    v = v["value"] if isinstance(v, dict) else v
+    print(f"{key:<44}{'-' if v is None else f'{v:,.2f}':>12}{goal:>14}")
+if s:
+    v = s.get("output_throughput") or s.get("metrics", {}).get("output_throughput")
+    print(f"{'serve c64 128x512 output tok/s':<44}{v if v is None else f'{v:,.1f}':>12}{'>= 90% offline':>14}")
+if hf:
+    print(f"{'HF transformers b1 ms/token (sanity peer)':<44}{hf['hf_b1_128x128_ms_per_token']:>12.2f}")
+for k, v in c.items():
+    print(f"{'correctness ' + k:<44}{str(v):>12}")
+PY

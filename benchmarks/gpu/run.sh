@@ -15,26 +15,39 @@ mkdir -p "$OUT"
 stage=${1:-all}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || { echo "wheel install failed"; exit 1; }
-export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1
+# step NAME SECONDS CMD...: run with a time limit (SIGABRT: Python prints where it hung), log to $OUT/NAME.log
+step() {
+  local name=$1 secs=$2; shift 2
+  echo "---- $name (limit ${secs}s)"
+  timeout -k 10 -s ABRT "$secs" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  grep -v -e "^INFO" -e Warning "$OUT/$name.log" | tail -${TAIL:-25}
+  echo "---- $name rc=$rc"
+  return $rc
+}
 MODEL=benchmarks/gpu/llama-3.1-8b
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 
+eager=()
 if [[ $stage == check || $stage == quick || $stage == all ]]; then
-  python3 -m pytest -q -x -p no:cacheprovider tests/test_triton_kernels.py tests/test_triton_backend.py \
-    tests/test_sampler.py tests/test_worker.py 2>&1 | tail -15
-  python3 benchmarks/gpu/correctness.py --out "$OUT/correctness.json" 2>&1 | grep -v Warning
-  python3 benchmarks/gpu/kernels_check.py --out "$OUT/kernels.json" 2>&1 | tail -30
+  step correctness 120 python3 benchmarks/gpu/correctness.py --out "$OUT/correctness.json"; rc=$?
+  [[ $rc == 124 || $rc == 134 ]] && eager=(--enforce-eager)  # hung: time the rest without CUDA graphs
 fi
-
 if [[ $stage == quick ]]; then
-  python3 benchmarks/gpu/workloads.py --model "$MODEL" --out "$OUT/workloads.json" --only b1_128x512 b64_128x512 \
-    2>&1 | grep -v "^INFO"
+  step workloads 170 python3 benchmarks/gpu/workloads.py --model "$MODEL" --out "$OUT/workloads.json" \
+    --only b1_128x512 b64_128x512 "${eager[@]}"
+fi
+if [[ $stage == check || $stage == quick || $stage == all ]]; then
+  TAIL=40 step kernels 90 python3 benchmarks/gpu/kernels_check.py --out "$OUT/kernels.json"
+  step pytest 150 python3 -m pytest -q -x -p no:cacheprovider --timeout 60 tests/test_triton_backend.py \
+    tests/test_sampler.py tests/test_worker.py tests/test_triton_kernels.py
 fi
 
 if [[ $stage == bench || $stage == all ]]; then
-  python3 benchmarks/gpu/workloads.py --model "$MODEL" --out "$OUT/workloads.json" 2>&1 | grep -v "^INFO"
-  python3 benchmarks/gpu/hf_peer.py --model "$MODEL" --out "$OUT/hf.json" 2>&1 | tail -2
+  step workloads 420 python3 benchmarks/gpu/workloads.py --model "$MODEL" --out "$OUT/workloads.json"
+  step hf_peer 120 python3 benchmarks/gpu/hf_peer.py --model "$MODEL" --out "$OUT/hf.json"
 fi
 
 if [[ $stage == serve || $stage == all ]]; then

@@ -40,9 +40,11 @@ def main() -> int:
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--max-model-len", type=int, default=4096)
     args = parser.parse_args()
-    config = EngineConfig(model=args.model, load_format="dummy", dtype="bfloat16", device="cuda",
-                          max_model_len=4096, max_num_seqs=args.max_num_seqs,
+    config = EngineConfig(model=args.model, load_format="dummy", dtype="bfloat16", device=args.device,
+                          max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
                           show_progress=False)
     t0 = time.perf_counter()
@@ -55,7 +57,7 @@ def main() -> int:
     startup_s = time.perf_counter() - t0
     rows = [("startup_to_first_token_s", startup_s, f"engine init {init_s:.1f} s")]
     results: dict = {"startup_to_first_token_s": startup_s, "engine_init_s": init_s,
-                     "gpu": torch.cuda.get_device_name(), "num_kv_slots": engine.executor.info.num_kv_slots}
+                     "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none", "num_kv_slots": engine.executor.info.num_kv_slots}
     for name, (n, inp, outp, figure) in WORKLOADS.items():
         if args.only and name not in args.only:
             continue

@@ -11,7 +11,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/kestrel-gpu}
-mkdir -p "$OUT"
+LOGS=${LOGS:-/tmp/kestrel-gpu-logs}  # full logs of each step (only 8 files come back from a lent machine)
+mkdir -p "$OUT" "$LOGS"
 stage=${1:-all}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || { echo "wheel install failed"; exit 1; }
@@ -20,14 +21,14 @@ export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false P
 step() {
   local name=$1 secs=$2; shift 2
   echo "---- $name (limit ${secs}s)"
-  timeout -k 10 -s ABRT "$secs" "$@" > "$OUT/$name.log" 2>&1
+  timeout -k 10 -s ABRT "$secs" "$@" > "$LOGS/$name.log" 2>&1
   local rc=$?
-  grep -v -e "^INFO" -e Warning "$OUT/$name.log" | tail -${TAIL:-25}
+  grep -v -e "^INFO" -e Warning "$LOGS/$name.log" | tail -${TAIL:-25}
   echo "---- $name rc=$rc"
   return $rc
 }
 MODEL=benchmarks/gpu/llama-3.1-8b
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader | tee "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 
 eager=()
@@ -45,22 +46,32 @@ if [[ $stage == check || $stage == quick || $stage == all ]]; then
     tests/test_sampler.py tests/test_worker.py tests/test_triton_kernels.py
 fi
 
-if [[ $stage == bench || $stage == all ]]; then
-  step workloads 420 python3 benchmarks/gpu/workloads.py --model "$MODEL" --out "$OUT/workloads.json"
-  step hf_peer 120 python3 benchmarks/gpu/hf_peer.py --model "$MODEL" --out "$OUT/hf.json"
+if [[ $stage == bench || $stage == all || $stage == bench+serve ]]; then
+  step workloads 330 python3 benchmarks/gpu/workloads.py --model "$MODEL" --out "$OUT/workloads.json"
+  step hf_peer 90 python3 benchmarks/gpu/hf_peer.py --model "$MODEL" --out "$OUT/hf.json"
 fi
 
-if [[ $stage == serve || $stage == all ]]; then
+if [[ $stage == serve || $stage == all || $stage == bench+serve ]]; then
   served=/tmp/llama-3.1-8b-dummy
   mkdir -p $served && cp $MODEL/config.json .whl/smol-tokenizer/* $served/
   python3 -m kestrel.cli serve $served --load-format dummy --port 8011 --max-model-len 4096 \
-    --max-num-seqs 256 --max-num-batched-tokens 8192 --disable-uvicorn-access-log > "$OUT/serve.log" 2>&1 &
+    --max-num-seqs 256 --max-num-batched-tokens 8192 --disable-uvicorn-access-log > "$LOGS/serve.log" 2>&1 &
   server=$!
-  for _ in $(seq 240); do curl -sf localhost:8011/health > /dev/null && break; sleep 1; done
-  python3 -m kestrel.cli bench serve --base-url http://127.0.0.1:8011 --num-prompts 256 --max-concurrency 64 \
-    --random-input-len 128 --random-output-len 512 --tokenizer $served --save-result "$OUT/serve.json" 2>&1 | tail -25
+  python3 - <<'PY'
+import time, urllib.request
+for _ in range(240):
+    try:
+        if urllib.request.urlopen("http://127.0.0.1:8011/health", timeout=2).status == 200:
+            break
+    except OSError:
+        pass
+    time.sleep(1)
+PY
+  TAIL=30 step bench_serve 120 python3 -m kestrel.cli bench serve --base-url http://127.0.0.1:8011 --num-prompts 256 \
+    --max-concurrency 64 --random-input-len 128 --random-output-len 512 --tokenizer $served \
+    --save-result "$OUT/serve.json"
   kill $server; wait $server 2>/dev/null
-  tail -5 "$OUT/serve.log"
+  grep -v "^INFO" "$LOGS/serve.log" | tail -8
 fi
 
 python3 - "$OUT" <<'PY'

@@ -82,6 +82,10 @@ def resolve_num_slots(config: EngineConfig, cfg: ModelConfig, dtype: torch.dtype
                          f"{peak / 2**30:.1f} GiB forward peak; raise --gpu-memory-utilization or lower "
                          f"--max-num-batched-tokens")
     num_slots = budget // per_slot
+    most_usable = config.max_num_seqs * resolve_max_model_len(config, cfg)  # every row full
+    if num_slots > most_usable:
+        num_slots = most_usable
+        logger.info("KV pool capped at max_num_seqs x max_model_len = %d slots", most_usable)
     logger.info("KV pool: %d slots (%.1f GiB); weights + profiled peak %.1f GiB, others %.1f GiB, of %.1f GiB",
                 num_slots, num_slots * per_slot / 2**30, peak / 2**30, others / 2**30, total / 2**30)
     return num_slots

@@ -2,7 +2,7 @@
 # Issue 7's GPU script: on a bare CUDA machine with no network, install the wheels carried in .whl,
 # check correctness, time the kernels and every workload, and print one table last.
 #
-#   bash benchmarks/gpu/run.sh [check|quick|bench|serve|all]   (default: all; results as JSON under $OUT)
+#   bash benchmarks/gpu/run.sh [check|quick|bench|profile|serve|bench+serve|all]   (default: all; JSON under $OUT)
 #   check: tests, correctness, kernels; quick: check + batch-1 and batch-64 latency; bench: every workload
 #
 # .whl holds: msgspec, gguf, pyzmq, fastapi + starlette + pydantic 2.12.5 + pydantic-core 2.41.5,
@@ -49,6 +49,10 @@ fi
 if [[ $stage == bench || $stage == all || $stage == bench+serve ]]; then
   step workloads 330 python3 benchmarks/gpu/workloads.py --model "$MODEL" --out "$OUT/workloads.json"
   step hf_peer 90 python3 benchmarks/gpu/hf_peer.py --model "$MODEL" --out "$OUT/hf.json"
+fi
+
+if [[ $stage == profile || $stage == all ]]; then
+  TAIL=60 step profile 200 python3 benchmarks/gpu/profile.py --model "$MODEL"
 fi
 
 if [[ $stage == serve || $stage == all || $stage == bench+serve ]]; then

@@ -1,0 +1,79 @@
+"""Where the time goes on the GPU: torch.profiler over decode steps (batch 1 and 64) and one prefill step.
+
+    python benchmarks/gpu/profile.py --model benchmarks/gpu/llama-3.1-8b [--device cuda]
+
+Builds the Llama-3.1-8B-shaped engine (dummy bf16 weights, CUDA graphs on), brings B requests to
+decode, then profiles N decode steps and prints the top kernels by device time, the device time per
+step against the wall time per step (the difference is host time the GPU waits for), and the same
+for one 8192-token prefill step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from kestrel.bench.offline import random_prompts
+from kestrel.config import EngineConfig
+from kestrel.engine import Engine
+from kestrel.sampling_params import SamplingParams
+
+
+def _table(prof, steps: int, wall_s: float, label: str, device: str) -> None:
+    events = prof.key_averages()
+    attr = "device_time_total" if device != "cpu" else "cpu_time_total"
+    kernels = [e for e in events if getattr(e, attr, 0) > 0 and (device == "cpu" or e.device_type.name == "CUDA")]
+    total_us = sum(getattr(e, attr) for e in kernels)
+    print(f"== {label}: {steps} steps, wall {wall_s / steps * 1e3:.3f} ms/step, "
+          f"device {total_us / steps / 1e3:.3f} ms/step")
+    for e in sorted(kernels, key=lambda e: -getattr(e, attr))[:14]:
+        t = getattr(e, attr)
+        print(f"  {t / steps:9.1f} us/step {100 * t / max(total_us, 1):5.1f}%  x{e.count // steps:<4} {e.key[:90]}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--steps", type=int, default=32)
+    args = parser.parse_args()
+    config = EngineConfig(model=args.model, load_format="dummy", dtype="bfloat16", device=args.device,
+                          max_model_len=4096, max_num_seqs=256, max_num_batched_tokens=8192, show_progress=False)
+    engine = Engine(config)
+    vocab = engine.model_config.vocab_size
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device != "cpu" else [])
+    sync = torch.cuda.synchronize if args.device != "cpu" else (lambda: None)
+    for batch in (1, 64):
+        params = SamplingParams(temperature=0, max_tokens=10_000, ignore_eos=True)
+        for i, p in enumerate(random_prompts(batch, 512, vocab, batch)):
+            engine.add_request(f"b{batch}-{i}", p, params)
+        for _ in range(8):  # prefill and a few decode steps
+            engine.step()
+        sync()
+        with profile(activities=activities) as prof:
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                engine.step()
+            sync()
+            wall = time.perf_counter() - t0
+        _table(prof, args.steps, wall, f"decode batch {batch}, seq ~520", args.device)
+        for i in range(batch):
+            engine.abort_request(f"b{batch}-{i}")
+    for i, p in enumerate(random_prompts(4, 2048, vocab, 7)):
+        engine.add_request(f"p{i}", p, SamplingParams(temperature=0, max_tokens=1))
+    sync()
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        engine.step()  # 4 x 2048 tokens in one step
+        sync()
+        wall = time.perf_counter() - t0
+    _table(prof, 1, wall, "prefill 4 x 2048 tokens", args.device)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -12,12 +12,14 @@ only: tokenizing, detokenizing and stop strings belong to the frontend, which ca
 
 from __future__ import annotations
 
+import time
+
 from kestrel.config import EngineConfig, ModelConfig
 from kestrel.kvcache.manager import KVCacheManager
 from kestrel.limits import PromptLimits
 from kestrel.model_files import resolve_model_path
 from kestrel.models.loader import load_model_config
-from kestrel.outputs import EngineOutput
+from kestrel.outputs import EMPTY_STEP, EngineOutput, StepInfo
 from kestrel.request import Request
 from kestrel.sampling_params import SamplingParams
 from kestrel.scheduler import Scheduler, build_step_batch
@@ -40,6 +42,9 @@ class Engine:
         self.scheduler = Scheduler(self.kv_manager, self.stop_rules, config.max_num_seqs,
                                    config.max_num_batched_tokens)
         self._num_arrivals = 0
+        self._arrival_times: dict[str, float] = {}
+        """Requests not scheduled yet -> when they were added (time.monotonic())."""
+        self.last_step: StepInfo = EMPTY_STEP
 
     # ---- requests ------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -47,10 +52,12 @@ class Engine:
         self.limits.check(prompt_token_ids)
         self.scheduler.add(Request.new(request_id, prompt_token_ids, params, self._num_arrivals))
         self._num_arrivals += 1
+        self._arrival_times[request_id] = time.monotonic()
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request now and free its KV slots; unknown or finished ids are ignored."""
         self.scheduler.abort(request_id)
+        self._arrival_times.pop(request_id, None)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished
@@ -59,14 +66,46 @@ class Engine:
     def num_unfinished_requests(self) -> int:
         return self.scheduler.num_unfinished
 
+    @property
+    def num_running_requests(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting_requests(self) -> int:
+        return len(self.scheduler.waiting)
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """Fraction of the KV slots not free (held by requests or the prefix cache)."""
+        kv = self.kv_manager
+        return 1.0 - kv.num_free_slots / kv.num_slots
+
     # ---- the step ------------------------------------------------------------
     def step(self) -> list[EngineOutput]:
         sched = self.scheduler.schedule()
         if sched.is_empty:
+            self.last_step = EMPTY_STEP
             return []
+        self.last_step = self._step_info(sched)
         batch = build_step_batch(sched, self.kv_manager, self.stop_rules, self.scheduler.take_finished_ids())
         result = self.executor.execute(batch)
         return self.scheduler.update(sched, result)
+
+    def _step_info(self, sched) -> StepInfo:
+        """Figures of a scheduled step, read before `update` advances its requests."""
+        now = time.monotonic()
+        num_decodes, queue_times, queried, hits = 0, [], 0, 0
+        for req, _ in sched.scheduled:
+            if req.num_computed_tokens >= req.num_prompt_tokens:
+                num_decodes += 1
+            arrival = self._arrival_times.pop(req.request_id, None)
+            if arrival is not None:
+                queue_times.append(now - arrival)
+                queried += req.num_prompt_tokens
+                hits += req.num_computed_tokens
+        num_tokens = sched.num_batched_tokens
+        return StepInfo(len(sched.scheduled), num_tokens, num_tokens - num_decodes, len(sched.sampled),
+                        queue_times, queried, hits)
 
     def check_integrity(self) -> None:
         """Assert KV bookkeeping is consistent (free + cached + in use == total)."""

@@ -3,10 +3,10 @@
 The server is three processes joined by ZMQ PUSH/PULL sockets (see `kestrel/server/`):
 
     API server --AddRequest, AbortRequests, GetEngineStats--> engine
-    engine --TokenBatch, EngineReady, EngineStats--> detokenizer
+    engine --TokenBatch, EngineReady, EngineStats, EngineHeartbeat--> detokenizer
     detokenizer --AbortRequests (a stop string matched)--> engine
-    detokenizer --TextBatch, RequestFailed, EngineReady, EngineStats--> API server
-    supervisor --ProcessDied--> API server
+    detokenizer --TextBatch, RequestFailed, EngineReady, EngineStats, EngineHeartbeat--> API server
+    supervisor --ProcessDied, Drain--> API server
 
 Messages are frozen, tagged msgspec Structs; `encode`/`decode` (msgpack) are the only way to put
 them on or take them off a socket, and `decode` validates types (a `SamplingParams` is rebuilt
@@ -81,6 +81,8 @@ class EngineReady(_Message):
     num_slots: int
     """KV slots (tokens) in the pool."""
     eos_token_ids: list[int]
+    max_num_seqs: int = 0
+    """Most requests running at once (the API's queue limit counts requests beyond it)."""
 
 
 class EngineStats(_Message):
@@ -93,6 +95,39 @@ class EngineStats(_Message):
     integrity_ok: bool
     """The last `check_integrity()` (run whenever the engine goes idle) passed."""
     integrity_error: str | None = None
+
+
+class WorkerStats(_Message, tag=False):
+    """What one worker (one device; each tensor-parallel rank later) did over the last interval."""
+
+    rank: int
+    interval_s: float
+    num_steps: int
+    num_prompt_tokens: int
+    """Prompt tokens computed (prefill, recompute after preemption; prefix-cache hits excluded)."""
+    num_generation_tokens: int
+    mean_step_time_s: float
+    max_step_time_s: float
+    mean_batch_size: float
+    """Requests per step."""
+    kv_cache_usage: float
+    """Fraction of the KV slots in use, at the end of the interval."""
+    num_prefix_queried_tokens: int
+    num_prefix_hit_tokens: int
+
+
+class EngineHeartbeat(_Message):
+    """Sent about once a second by the engine loop: its queue, its progress, its workers' figures.
+
+    The API process serves /v1/stats from the latest one and calls the engine stalled when none
+    arrives (or no step finishes) for `--stall-timeout` seconds while work is pending.
+    """
+
+    num_running: int
+    num_waiting: int
+    seconds_since_progress: float
+    """Time since the last step finished while requests were pending; 0 when idle."""
+    workers: list[WorkerStats]
 
 
 # ---- detokenizer -> API server ---------------------------------------------------------
@@ -137,15 +172,24 @@ class TextBatch(_Message):
 
 # ---- supervisor -> API server ----------------------------------------------------------
 class ProcessDied(_Message):
-    """A child process of `kestrel serve` exited; the server can no longer generate."""
+    """A child process of `kestrel serve` exited; its in-flight requests fail."""
 
     name: str
     pid: int
     exitcode: int | None
+    is_restarting: bool = False
+    """The supervisor starts a new engine and detokenizer (`--restart-engine`); the next
+    `EngineReady` means the server can generate again."""
+
+
+class Drain(_Message):
+    """Stop accepting requests, let those in flight finish within `timeout_s`, then exit."""
+
+    timeout_s: float
 
 
 Message = Union[AddRequest, AbortRequests, GetEngineStats, RequestFailed, TokenBatch, EngineReady,
-                EngineStats, TextBatch, ProcessDied]
+                EngineStats, EngineHeartbeat, TextBatch, ProcessDied, Drain]
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

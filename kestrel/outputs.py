@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,3 +64,22 @@ def logprob_record(logprobs: list[float], token_ids: list[int], rank: int, num_t
     for j in range(1, num_top + 1):
         record.setdefault(token_ids[j], Logprob(logprobs[j], j))
     return record
+
+
+class StepInfo(NamedTuple):
+    """What one `step()` ran: the figures behind /metrics and /v1/stats."""
+
+    num_requests: int
+    num_batched_tokens: int
+    num_prompt_tokens: int
+    """Batched tokens that were not a decode's one token (prefill chunks, recompute)."""
+    num_generated_tokens: int
+    queue_times_s: list[float]
+    """Arrival to first scheduled, for the requests scheduled for the first time."""
+    num_prefix_queried_tokens: int
+    """Prompt tokens of those requests (looked up in the prefix cache)."""
+    num_prefix_hit_tokens: int
+    """Of those, tokens whose KV the prefix cache held."""
+
+
+EMPTY_STEP = StepInfo(0, 0, 0, 0, [], 0, 0)

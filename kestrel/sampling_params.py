@@ -12,6 +12,12 @@ from dataclasses import dataclass, field, replace
 _GREEDY_TEMPERATURE = 1e-5
 """Temperatures below this are greedy: `SamplingParams.is_greedy` is the one definition."""
 _SEED_SPAN = 2**64
+MAX_TEMPERATURE = 2.0
+"""OpenAI's range is [0, 2]; above it, sampling is noise."""
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_LEN = 256
+"""Characters; the detokenizer holds back this much text while a stop string could still match."""
+MAX_STOP_TOKEN_IDS = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,7 +27,7 @@ class SamplingParams:
     n: int = 1
     """Number of completions to return for the prompt."""
     temperature: float = 1.0
-    """0 means greedy; higher is more random. Range [0, 2] is typical; any >= 0 is allowed."""
+    """0 means greedy; higher is more random. [0, 2]."""
     top_p: float = 1.0
     """Nucleus sampling: keep the smallest set of tokens whose probability sums to top_p. (0, 1]."""
     top_k: int = 0
@@ -41,7 +47,8 @@ class SamplingParams:
     min_tokens: int = 0
     """Fewest tokens to generate before EOS or stop token ids may end the request."""
     stop: tuple[str, ...] = ()
-    """Stop strings; the output is cut before the first one found (it never leaks)."""
+    """Stop strings (at most 16, each at most 256 characters); the output is cut before the first one
+    found (it never leaks)."""
     stop_token_ids: tuple[int, ...] = ()
     """Token ids that end generation (the token is kept in token_ids)."""
     ignore_eos: bool = False
@@ -73,7 +80,7 @@ class SamplingParams:
 
     def _validate(self) -> None:
         _check_int("n", self.n, lo=1, hi=128)
-        _check_float("temperature", self.temperature, lo=0.0, hi=None)
+        _check_float("temperature", self.temperature, lo=0.0, hi=MAX_TEMPERATURE)
         _check_float("top_p", self.top_p, lo=0.0, hi=1.0, lo_open=True)
         _check_int("top_k", self.top_k, lo=0, hi=None, note=" (0 or -1 disables)")
         _check_float("min_p", self.min_p, lo=0.0, hi=1.0)
@@ -87,9 +94,17 @@ class SamplingParams:
         _check_int("min_tokens", self.min_tokens, lo=0, hi=self.max_tokens)
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, lo=0, hi=20)
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"stop may hold at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}.")
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"stop must contain non-empty strings, got {s!r}.")
+            if len(s) > MAX_STOP_STRING_LEN:
+                raise ValueError(f"stop strings may have at most {MAX_STOP_STRING_LEN} characters, got one of "
+                                 f"{len(s)}.")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise ValueError(f"stop_token_ids may hold at most {MAX_STOP_TOKEN_IDS} ids, got "
+                             f"{len(self.stop_token_ids)}.")
         for t in self.stop_token_ids:
             _check_int("stop_token_ids", t, lo=0, hi=None)
         if not isinstance(self.ignore_eos, bool):

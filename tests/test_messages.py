@@ -29,6 +29,9 @@ EXAMPLES = [
                  m.TextDelta("r-4", "", [2], None, "stop", "\n"),
                  m.TextDelta("r-5", "x", [3], None, "stop", 2)]),
     m.ProcessDied("engine", 1234, -9),
+    m.ProcessDied("detokenizer", 1235, 1, is_restarting=True),
+    m.EngineHeartbeat(3, 1, 0.25, [m.WorkerStats(0, 1.01, 12, 300, 36, 0.02, 0.05, 3.0, 0.4, 300, 64)]),
+    m.Drain(30.0),
 ]
 
 

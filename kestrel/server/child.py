@@ -3,7 +3,8 @@
 A child logs with its name in each line and leaves Ctrl-C to the supervisor (the terminal sends
 SIGINT to the whole process group; the supervisor then stops each child in order). It exits
 cleanly on SIGTERM (through SystemExit, so finalizers run) and dies with its parent: on Linux
-through PR_SET_PDEATHSIG, elsewhere by polling `parent_is_alive()`. No torch here.
+through PR_SET_PDEATHSIG, elsewhere by polling `parent_is_alive()`. `open_sockets` makes its
+inbox and outboxes. No torch here.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import logging
 import os
 import signal
 import sys
+
+import zmq
 
 _PR_SET_PDEATHSIG = 1
 _parent_pid: int | None = None
@@ -39,6 +42,23 @@ def init_child_process(name: str, log_level: str) -> None:
 def _exit_on_sigterm(_signum: int, _frame) -> None:
     """Exit through SystemExit so that finalizers run (multiprocessing locks are released)."""
     raise SystemExit(0)
+
+
+def open_sockets(inbox_addr: str, *outbox_addrs: str) -> tuple[zmq.Context, zmq.Socket, list[zmq.Socket]]:
+    """A child's ZMQ context, its inbox (PULL, bound) and one PUSH socket per address (connected).
+
+    Sockets do not linger: at exit, messages for a process that is already gone are dropped
+    instead of holding the exit up forever.
+    """
+    ctx = zmq.Context()
+    ctx.setsockopt(zmq.LINGER, 0)
+    inbox = ctx.socket(zmq.PULL)
+    inbox.bind(inbox_addr)
+    outboxes = []
+    for addr in outbox_addrs:
+        outboxes.append(ctx.socket(zmq.PUSH))
+        outboxes[-1].connect(addr)
+    return ctx, inbox, outboxes
 
 
 def parent_is_alive() -> bool:

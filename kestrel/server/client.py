@@ -7,8 +7,10 @@ returned `RequestGroup`; closing the group early (client gone, error) aborts wha
 running, so its KV slots are freed.
 
 Contract: every delta of a request reaches its group's queue in order; a request's last delta has
-a finish_reason; a failed request or a dead engine raises `EngineError` in the iterating caller.
-No torch here.
+a finish_reason; a failed request, a dead engine or the group's deadline (`--request-timeout`)
+raises `EngineError` in the iterating caller. The reader also keeps the engine's latest
+`EngineHeartbeat` (for /v1/stats and the stall check) and hands a supervisor's `Drain` to
+`on_drain`. No torch here.
 """
 
 from __future__ import annotations
@@ -16,15 +18,18 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import msgspec
 import zmq
 import zmq.asyncio
 
-from kestrel.messages import (AbortRequests, AddRequest, EngineReady, EngineStats, GetEngineStats, Message,
-                              ProcessDied, RequestFailed, TextBatch, TextDelta, decode, encode)
+from kestrel.messages import (AbortRequests, AddRequest, Drain, EngineHeartbeat, EngineReady, EngineStats,
+                              GetEngineStats, Message, ProcessDied, RequestFailed, TextBatch, TextDelta, decode,
+                              encode)
 from kestrel.sampling_params import SamplingParams
 from kestrel.server.config import IpcAddresses
 
@@ -49,14 +54,26 @@ class EngineRequest:
     params: SamplingParams
 
 
+class GroupObserver(Protocol):
+    """Sees every delta of a group and its end (the API process's request metrics)."""
+
+    def on_delta(self, request_id: str, delta: TextDelta) -> None: ...
+
+    def on_close(self, unfinished: set[str]) -> None: ...
+
+
 class RequestGroup:
     """The engine requests behind one API call; async-iterate it for (index, TextDelta) pairs."""
 
-    def __init__(self, client: EngineClient, request_ids: dict[str, int]) -> None:
+    def __init__(self, client: EngineClient, request_ids: dict[str, int], deadline: float | None = None,
+                 observer: GroupObserver | None = None) -> None:
         self._client = client
         self._index_of = request_ids
         """Engine request id -> choice index."""
         self._unfinished = set(request_ids)
+        self._deadline = deadline
+        """time.monotonic() after which iterating raises a timeout EngineError (None: never)."""
+        self._observer = observer
         self.queue: asyncio.Queue[TextDelta | EngineError] = asyncio.Queue()
 
     @property
@@ -66,17 +83,30 @@ class RequestGroup:
     async def __aiter__(self) -> AsyncIterator[tuple[int, TextDelta]]:
         try:
             while self._unfinished:
-                item = await self.queue.get()
+                item = await self._next()
                 if isinstance(item, EngineError):
                     raise item
                 if item.finish_reason is not None:
                     self._unfinished.discard(item.request_id)
+                if self._observer is not None:
+                    self._observer.on_delta(item.request_id, item)
                 yield self._index_of[item.request_id], item
         finally:
             self.close()
 
+    async def _next(self) -> TextDelta | EngineError:
+        if self._deadline is None:
+            return await self.queue.get()
+        try:
+            return await asyncio.wait_for(self.queue.get(), max(self._deadline - time.monotonic(), 0.0))
+        except asyncio.TimeoutError:
+            return EngineError("the request did not finish within the server's --request-timeout", 408)
+
     def close(self) -> None:
         """Abort the requests still running (idempotent); called when iteration ends for any reason."""
+        if self._observer is not None:
+            self._observer.on_close(self._unfinished)
+            self._observer = None
         self._client._release(self._index_of, self._unfinished)
         self._unfinished = set()
 
@@ -96,7 +126,12 @@ class EngineClient:
         self.engine_info: EngineReady | None = None
         """Set when the engine announced itself (model loaded)."""
         self.dead_reason: str | None = None
-        """Set when a server process died; the server can no longer generate."""
+        """Set when a server process died; cleared when a restarted engine is ready."""
+        self.is_restarting = False
+        self.heartbeat: EngineHeartbeat | None = None
+        self.heartbeat_at = 0.0
+        """time.monotonic() when `heartbeat` arrived."""
+        self.on_drain: Callable[[float], None] | None = None
 
     async def start(self) -> None:
         self._inbox.bind(self._addrs.api_inbox)
@@ -114,11 +149,19 @@ class EngineClient:
         return len(self._groups)
 
     # ---- requests ------------------------------------------------------------
-    async def generate(self, base_id: str, requests: list[EngineRequest]) -> RequestGroup:
+    def seconds_without_progress(self) -> float:
+        """How long the engine has had work without finishing a step, as far as its heartbeats tell."""
+        hb = self.heartbeat
+        if hb is None or not (hb.num_running or hb.num_waiting or self._groups):
+            return 0.0
+        return hb.seconds_since_progress + time.monotonic() - self.heartbeat_at
+
+    async def generate(self, base_id: str, requests: list[EngineRequest], deadline: float | None = None,
+                       observer: GroupObserver | None = None) -> RequestGroup:
         """Submit the requests (ids base_id-<index>) and return the group to iterate."""
         self._check_alive()
         ids = {f"{base_id}-{r.index}": r.index for r in requests}
-        group = RequestGroup(self, ids)
+        group = RequestGroup(self, ids, deadline, observer)
         for request_id, request in zip(ids, requests):
             self._groups[request_id] = group
             await self._to_engine.send(encode(AddRequest(request_id, request.prompt_token_ids, request.params)))
@@ -176,17 +219,27 @@ class EngineClient:
             future = self._stats_waiters.get(message.nonce)
             if future is not None and not future.done():
                 future.set_result(message)
+        elif isinstance(message, EngineHeartbeat):
+            self.heartbeat, self.heartbeat_at = message, time.monotonic()
         elif isinstance(message, EngineReady):
-            self.engine_info = message
+            self.engine_info, self.heartbeat = message, None
+            self.dead_reason, self.is_restarting = None, False
             logger.info("engine is ready (max_model_len %d)", message.max_model_len)
         elif isinstance(message, ProcessDied):
             self._on_process_died(message)
+        elif isinstance(message, Drain) and self.on_drain is not None:
+            self.on_drain(message.timeout_s)
 
     def _on_process_died(self, message: ProcessDied) -> None:
-        self.dead_reason = (f"the {message.name} process (pid {message.pid}) died with exit code "
-                            f"{message.exitcode}; the server cannot generate until it is restarted")
+        then = ("a new engine is starting; retry when GET /health answers 200" if message.is_restarting
+                else "the server is stopping")
+        self.dead_reason = f"the {message.name} process died (exit code {message.exitcode}); {then}"
+        self.is_restarting = message.is_restarting
         logger.error("%s", self.dead_reason)
-        error = EngineError(self.dead_reason, 503)
+        self.fail_all(EngineError(self.dead_reason, 503))
+
+    def fail_all(self, error: EngineError) -> None:
+        """End every request in flight with `error` (they are not aborted: the engine is gone or going)."""
         for group in set(self._groups.values()):
             group.queue.put_nowait(error)
         self._groups.clear()

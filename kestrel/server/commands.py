@@ -1,6 +1,7 @@
 """`kestrel serve` (start the OpenAI-compatible server) and `kestrel client` (query a running one).
 
     kestrel serve [MODEL] --host 127.0.0.1 --port 8000 --served-model-name NAME --api-key KEY ...
+    (the key is better given as $KESTREL_API_KEY, which `ps` does not show)
     kestrel client --url http://127.0.0.1:8000 --text "Hello"
 
 Flag names follow `vllm serve`; engine flags come from `kestrel.engine_args`. Neither command
@@ -32,6 +33,7 @@ def add_parser(subparsers) -> None:
     serve.add_argument("--api-key", default=os.environ.get("KESTREL_API_KEY"),
                        help="require 'Authorization: Bearer <key>' (default: $KESTREL_API_KEY)")
     serve.add_argument("--disable-uvicorn-access-log", action="store_true", help="no log line per HTTP request")
+    _add_reliability_args(serve)
     serve.set_defaults(func=_serve)
 
     client = subparsers.add_parser("client", help="send one prompt to a running server and stream the answer")
@@ -47,6 +49,29 @@ def add_parser(subparsers) -> None:
     client.set_defaults(func=_client)
 
 
+def _add_reliability_args(serve: argparse.ArgumentParser) -> None:
+    """Limits, timeouts, restarts and logging of the server (see `ServerConfig` for each)."""
+    serve.add_argument("--allowed-origins", nargs="+", default=[],
+                       help="CORS: origins browsers may call the API from (default: none, no CORS headers)")
+    serve.add_argument("--max-request-body-mb", type=float, default=16.0,
+                       help="larger bodies get 413 without being read (default 16)")
+    serve.add_argument("--max-queued-requests", type=int, default=None,
+                       help="requests admitted beyond --max-num-seqs; beyond it 503 + Retry-After (default: no limit)")
+    serve.add_argument("--request-timeout", type=float, default=None,
+                       help="seconds a request may take; then it ends with an error and frees its KV")
+    serve.add_argument("--shutdown-timeout", type=float, default=30.0,
+                       help="on SIGTERM/SIGINT, seconds in-flight requests may take to finish (default 30)")
+    serve.add_argument("--stall-timeout", type=float, default=120.0,
+                       help="/health answers 503 when the engine has work but made no step for this long "
+                            "(default 120; 0: off)")
+    serve.add_argument("--restart-engine", action="store_true",
+                       help="restart a dead engine (in-flight requests fail) instead of exiting with status 1")
+    serve.add_argument("--log-requests", action="store_true",
+                       help="log each request's prompt and parameters (default: no prompt text in the log)")
+    serve.add_argument("--log-stats-interval", type=float, default=10.0,
+                       help="seconds between the engine's statistics log lines while busy (0: off)")
+
+
 def _serve(args: argparse.Namespace) -> int:
     from kestrel.server.config import ServerConfig
     from kestrel.server.launcher import serve
@@ -58,7 +83,12 @@ def _serve(args: argparse.Namespace) -> int:
         host=args.host, port=args.port,
         served_model_names=tuple(args.served_model_name or [config.model or _BUNDLED_NAME]),
         tokenizer_path=tokenizer_path(config), api_key=args.api_key,
-        log_level=getattr(args, "log_level", "INFO"), access_log=not args.disable_uvicorn_access_log)
+        log_level=getattr(args, "log_level", "INFO"), access_log=not args.disable_uvicorn_access_log,
+        log_requests=args.log_requests, log_stats_interval_s=args.log_stats_interval,
+        stall_timeout_s=args.stall_timeout, restart_engine=args.restart_engine,
+        shutdown_timeout_s=args.shutdown_timeout, max_queued_requests=args.max_queued_requests,
+        request_timeout_s=args.request_timeout, max_request_body_mb=args.max_request_body_mb,
+        allowed_origins=tuple(args.allowed_origins))
     return serve(config, server_config)
 
 

@@ -1,7 +1,7 @@
 """The detokenizer process: token ids in, text deltas out, stop strings found here.
 
-Input (its inbox, PULL): `TokenBatch`es from the engine, plus `EngineReady` / `EngineStats`, which
-it forwards unchanged to the API process (so they arrive in order with the text). Output: one
+Input (its inbox, PULL): `TokenBatch`es from the engine, plus `EngineReady`, `EngineStats` and
+`EngineHeartbeat`, which it forwards unchanged to the API process (so they arrive in order with the text). Output: one
 `TextBatch` per `TokenBatch` to the API process, `RequestFailed` forwarded, and `AbortRequests` to
 the engine for requests whose stop string matched.
 
@@ -17,12 +17,11 @@ import logging
 from typing import NamedTuple
 
 import msgspec
-import zmq
 
 from kestrel.frontend.output_processor import OutputProcessor
-from kestrel.messages import (AbortRequests, EngineReady, EngineStats, RequestFailed, TextBatch, TextDelta,
-                              TokenBatch, decode, encode)
-from kestrel.server.child import init_child_process, parent_is_alive
+from kestrel.messages import (AbortRequests, EngineHeartbeat, EngineReady, EngineStats, RequestFailed, TextBatch,
+                              TextDelta, TokenBatch, decode, encode)
+from kestrel.server.child import init_child_process, open_sockets, parent_is_alive
 from kestrel.server.config import IpcAddresses
 
 logger = logging.getLogger(__name__)
@@ -35,13 +34,7 @@ def run_detokenizer_process(tokenizer_path: str, addrs: IpcAddresses, log_level:
     init_child_process("detokenizer", log_level)
     from kestrel.frontend.tokenizer import load_tokenizer  # imports transformers: only in this process
 
-    ctx = zmq.Context()
-    inbox = ctx.socket(zmq.PULL)
-    inbox.bind(addrs.detokenizer_inbox)
-    to_api = ctx.socket(zmq.PUSH)
-    to_api.connect(addrs.api_inbox)
-    to_engine = ctx.socket(zmq.PUSH)
-    to_engine.connect(addrs.engine_inbox)
+    _, inbox, (to_api, to_engine) = open_sockets(addrs.detokenizer_inbox, addrs.api_inbox, addrs.engine_inbox)
     tokenizer = load_tokenizer(tokenizer_path)
     logger.info("tokenizer loaded from %s", tokenizer_path)
     detokenizer = Detokenizer(tokenizer)
@@ -61,7 +54,7 @@ def run_detokenizer_process(tokenizer_path: str, addrs: IpcAddresses, log_level:
                 to_api.send(encode(failure))
             if result.deltas:
                 to_api.send(encode(TextBatch(result.deltas)))
-        elif isinstance(message, (EngineReady, EngineStats, RequestFailed)):
+        elif isinstance(message, (EngineReady, EngineStats, EngineHeartbeat, RequestFailed)):
             to_api.send(encode(message))
         else:
             logger.error("unexpected message %s", type(message).__name__)
@@ -98,10 +91,11 @@ class Detokenizer:
         for out in batch.outputs:
             try:
                 delta = self._outputs.process(out)
-            except Exception as e:  # one request's bad bytes must not stop the others
+            except Exception:  # one request's bad bytes must not stop the others
                 logger.exception("cannot detokenize request %s", out.request_id)
                 self._outputs.remove(out.request_id)
-                result.failed.append(RequestFailed(out.request_id, f"detokenizer error: {e}", False))
+                result.failed.append(RequestFailed(
+                    out.request_id, "internal detokenizer error (the server log has the details)", False))
                 if out.finish_reason is None:
                     result.to_abort.append(out.request_id)
                 continue

@@ -1,21 +1,24 @@
 """The engine process: loads the model, then runs the engine loop until its parent goes away.
 
     loop: (idle? check KV integrity) -> drain inbox (block only when idle) -> engine.step()
-          -> one TokenBatch to the detokenizer
+          -> one TokenBatch to the detokenizer -> (about once a second) an EngineHeartbeat
 
 Input (its inbox, a ZMQ PULL socket): `AddRequest`, `AbortRequests`, `GetEngineStats` from the API
 process and `AbortRequests` from the detokenizer (stop strings). Output (PUSH to the detokenizer):
-`EngineReady` once, then `TokenBatch`es and `EngineStats` replies, in order.
+`EngineReady` once, then `TokenBatch`es, `EngineStats` replies and `EngineHeartbeat`s, in order.
+Metrics and the periodic log line come from `engine_stats.EngineStatsRecorder`.
 
 Contract: no request can kill this process. A request the engine refuses becomes a
-`RequestFailed`; if a step raises, every running request fails with an internal error, its slots
-are freed and the loop goes on. torch is imported here and nowhere else in the server.
+`RequestFailed`; if a step raises, every running request fails with an internal error (logged
+here; the message sent on says nothing of Python internals), its slots are freed and the loop
+goes on. torch is imported here and nowhere else in the server.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+import time
 from dataclasses import dataclass, field, replace
 
 import msgspec
@@ -25,8 +28,9 @@ from kestrel.config import EngineConfig
 from kestrel.messages import (AbortRequests, AddRequest, EngineReady, EngineStats, GetEngineStats,
                               Message, RequestFailed, TokenBatch, decode, encode)
 from kestrel.outputs import EngineOutput
-from kestrel.server.child import init_child_process, parent_is_alive
-from kestrel.server.config import IpcAddresses
+from kestrel.server.child import init_child_process, open_sockets, parent_is_alive
+from kestrel.server.config import IpcAddresses, ServerConfig
+from kestrel.server.engine_stats import EngineStatsRecorder
 
 logger = logging.getLogger(__name__)
 
@@ -34,18 +38,14 @@ _IDLE_POLL_MS = 1000
 """How long an idle engine blocks on its inbox before checking that its parent is alive."""
 
 
-def run_engine_process(config: EngineConfig, addrs: IpcAddresses, ready, log_level: str) -> None:
+def run_engine_process(config: EngineConfig, server_config: ServerConfig, addrs: IpcAddresses, ready) -> None:
     """Process entry point: load the model, announce it, run the loop.
 
     `ready` is the write end of a multiprocessing pipe; the supervisor learns from it that the model
     is loaded.
     """
-    init_child_process("engine", log_level)
-    ctx = zmq.Context()
-    inbox = ctx.socket(zmq.PULL)
-    inbox.bind(addrs.engine_inbox)
-    outbox = ctx.socket(zmq.PUSH)
-    outbox.connect(addrs.detokenizer_inbox)
+    init_child_process("engine", server_config.log_level)
+    _, inbox, (outbox,) = open_sockets(addrs.engine_inbox, addrs.detokenizer_inbox)
     try:
         from kestrel.engine import Engine  # torch is imported here, in this process only
 
@@ -55,12 +55,12 @@ def run_engine_process(config: EngineConfig, addrs: IpcAddresses, ready, log_lev
         sys.exit(1)
     mc = engine.model_config
     outbox.send(encode(EngineReady(engine.model_path, engine.max_model_len, mc.vocab_size,
-                                   engine.kv_manager.num_slots, list(mc.eos_token_ids))))
+                                   engine.kv_manager.num_slots, list(mc.eos_token_ids), config.max_num_seqs)))
     ready.send(True)
     ready.close()
     logger.info("engine ready: %s, max_model_len %d, %d KV slots", engine.model_path,
                 engine.max_model_len, engine.kv_manager.num_slots)
-    EngineLoop(engine, inbox, outbox).run()
+    EngineLoop(engine, inbox, outbox, server_config.model_name, server_config.log_stats_interval_s).run()
 
 
 @dataclass(slots=True)
@@ -78,7 +78,8 @@ class _Unsent:
 class EngineLoop:
     """Feeds one `Engine` from a ZMQ inbox and reports every step to the detokenizer."""
 
-    def __init__(self, engine, inbox: zmq.Socket, outbox: zmq.Socket) -> None:
+    def __init__(self, engine, inbox: zmq.Socket, outbox: zmq.Socket, model_name: str = "kestrel",
+                 log_stats_interval_s: float = 0.0) -> None:
         self.engine = engine
         self._inbox = inbox
         self._outbox = outbox
@@ -88,6 +89,7 @@ class EngineLoop:
         self._is_checked = False
         """`check_integrity()` ran since the engine last had work."""
         self._integrity_error: str | None = None
+        self._stats = EngineStatsRecorder(engine, model_name, log_stats_interval_s)
 
     def run(self) -> None:
         while parent_is_alive():
@@ -106,6 +108,9 @@ class EngineLoop:
                 logger.exception("error while handling %s", type(message).__name__)
         outputs = self._step() if self.engine.has_unfinished_requests() else []
         self._emit(outputs)
+        heartbeat = self._stats.tick()
+        if heartbeat is not None:
+            self._outbox.send(encode(heartbeat))
 
     # ---- helpers -------------------------------------------------------------
     def _receive(self, block: bool) -> list[Message]:
@@ -143,27 +148,31 @@ class EngineLoop:
         except ValueError as e:
             self._pending.failed.append(RequestFailed(message.request_id, str(e)))
             return
-        except Exception as e:
+        except Exception:
             logger.exception("could not add request %s", message.request_id)
             self._abort_quietly(message.request_id)
-            self._pending.failed.append(RequestFailed(message.request_id, f"internal engine error: {e}", False))
+            self._pending.failed.append(RequestFailed(
+                message.request_id, "internal engine error (the server log has the details)", False))
             return
         self._live.add(message.request_id)
         self._pending.started.append(message)
         self._is_checked = False
 
     def _step(self) -> list[EngineOutput]:
+        start = time.monotonic()
         try:
-            return self.engine.step()
-        except Exception as e:
+            outputs = self.engine.step()
+        except Exception:
             logger.exception("engine step failed; failing the %d running requests", len(self._live))
             for request_id in sorted(self._live):
                 self._abort_quietly(request_id)
                 self._pending.failed.append(RequestFailed(
-                    request_id, f"internal engine error: {type(e).__name__}: {e}", is_user_error=False))
+                    request_id, "internal engine error (the server log has the details)", is_user_error=False))
             self._live.clear()
             self._is_checked = False
             return []
+        self._stats.on_step(self.engine.last_step, time.monotonic() - start)
+        return outputs
 
     def _abort_quietly(self, request_id: str) -> None:
         try:

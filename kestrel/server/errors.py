@@ -25,12 +25,13 @@ class APIError(Exception):
     """A request that cannot be served; becomes an OpenAI error body with `status_code`."""
 
     def __init__(self, message: str, status_code: int = 400, param: str | None = None,
-                 code: str | None = None) -> None:
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.status_code = status_code
         self.param = param
         self.code = code
+        self.headers = headers
 
     def to_body(self) -> dict:
         kind = "invalid_request_error" if self.status_code < 500 else "server_error"
@@ -40,7 +41,9 @@ class APIError(Exception):
         return ErrorResponse(error=info).model_dump()
 
     def to_response(self) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if self.status_code == 401 else None
+        headers = dict(self.headers or {})
+        if self.status_code == 401:
+            headers["WWW-Authenticate"] = "Bearer"
         return JSONResponse(self.to_body(), status_code=self.status_code, headers=headers)
 
 
@@ -120,9 +123,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = "not_found" if exc.status_code == 404 else None
-        return APIError(str(exc.detail), exc.status_code, code=code).to_response()
+        return APIError(str(exc.detail), exc.status_code, code=code, headers=exc.headers).to_response()
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         logger.exception("unexpected error while serving a request")
-        return APIError(f"internal server error: {type(exc).__name__}", 500).to_response()
+        return APIError("internal server error (the server log has the details)", 500).to_response()

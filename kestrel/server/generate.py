@@ -15,21 +15,21 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from kestrel.server.client import EngineError, RequestGroup
+from kestrel.server.client import RequestGroup
 from kestrel.server.errors import APIError
 from kestrel.server.protocol import GenerateRequest
-from kestrel.server.serving import (SSE_DONE, Choice, ClientGone, ServerState, SSEResponse, check_token_ids,
-                                    client_gone_response, collect, make_sampling_params, parse_body, sse,
-                                    submit, until_disconnect)
+from kestrel.server.serving import (Choice, ClientGone, ServerState, SSEResponse, arrival_time, check_token_ids,
+                                    client_gone_response, collect, encode_text, make_sampling_params, parse_body,
+                                    sse, submit, until_disconnect)
 
 _RENAMES = {"max_tokens": "max_new_tokens", "min_tokens": "min_new_tokens",
             "include_stop_str_in_output": "no_stop_trim", "seed": "sampling_seed"}
 
 
 async def generate(state: ServerState, request: Request) -> Response:
-    req = await parse_body(request, GenerateRequest)
+    req = await parse_body(state, request, GenerateRequest)
     state.check_ready()
-    prompts, is_batch, prompt_param = _prompts(state, req)
+    prompts, is_batch, prompt_param = await state.run_blocking(_prompts, state, req)
     sp = req.sampling_params
     renames = {name: f"sampling_params.{_RENAMES.get(name, name)}" for name in
                ("n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
@@ -48,7 +48,7 @@ async def generate(state: ServerState, request: Request) -> Response:
     params = make_sampling_params(state, [len(p) for p in prompts], sp.max_new_tokens, renames, prompt_param,
                                   **kwargs)
     request_id = req.rid or uuid.uuid4().hex
-    group = await submit(state, request_id, prompts, params)
+    group = await submit(state, request_id, prompts, params, arrival_time(request))
     num_choices = len(prompts) * params.n
     prompt_lens = [len(prompts[i // params.n]) for i in range(num_choices)]
     as_list = is_batch or num_choices > 1
@@ -71,7 +71,7 @@ def _prompts(state: ServerState, req: GenerateRequest) -> tuple[list[list[int]],
         texts = [req.text] if isinstance(req.text, str) else req.text
         if not texts:
             raise APIError("'text' must not be an empty list", param="text")
-        return [state.tokenizer.encode(t) for t in texts], isinstance(req.text, list), "text"
+        return [encode_text(state, t, "text") for t in texts], isinstance(req.text, list), "text"
     ids = req.input_ids
     if not ids:
         raise APIError("'input_ids' is empty: give at least one token", param="input_ids")
@@ -106,13 +106,7 @@ def _finish(choice: Choice) -> dict | None:
 async def _stream(request_id: str, group: RequestGroup, prompt_lens: list[int], want_logprobs: bool,
                   with_index: bool) -> AsyncIterator[str]:
     choices = [Choice() for _ in prompt_lens]
-    try:
-        async for index, delta in group:
-            choice = choices[index]
-            choice.add(delta)
-            yield sse(_result(request_id, index, choice, prompt_lens[index], want_logprobs, with_index))
-    except EngineError as e:
-        yield sse(APIError(str(e), e.status_code).to_body())
-    finally:
-        group.close()
-    yield SSE_DONE
+    async for index, delta in group:
+        choice = choices[index]
+        choice.add(delta)
+        yield sse(_result(request_id, index, choice, prompt_lens[index], want_logprobs, with_index))

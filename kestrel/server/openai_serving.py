@@ -1,44 +1,49 @@
 """POST /v1/chat/completions and POST /v1/completions: OpenAI requests in, OpenAI replies out.
 
-Each handler: parse and check the request -> tokenize (chat template for chat) -> validated
-SamplingParams -> submit n engine requests per prompt -> collect them into one response, or
-stream them as server-sent events (`data: {...}` chunks, `data: [DONE]` last, a usage chunk when
-`stream_options.include_usage`). No torch here.
+Each handler: parse and check the request -> tokenize (chat template for chat), off the event
+loop -> validated SamplingParams -> submit n engine requests per prompt -> collect them into one
+response, or stream them as server-sent events (`data: {...}` chunks, `data: [DONE]` last, a usage
+chunk when `stream_options.include_usage`). A chat template's error reaches the client only when
+the template raised it on purpose (`raise_exception`); anything else is a generic 400. No torch here.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import Request
 from fastapi.responses import Response
+from jinja2 import TemplateError
 
 from kestrel.messages import PositionLogprobs
-from kestrel.server.client import EngineError, RequestGroup
+from kestrel.server.client import RequestGroup
 from kestrel.server.errors import APIError
 from kestrel.server.protocol import (ChatChoiceLogprobs, ChatCompletionChoice, ChatCompletionChunk,
                                      ChatCompletionRequest, ChatCompletionResponse, ChatResponseMessage,
                                      ChatStreamChoice, ChatTokenLogprob, ChatTopLogprob, CompletionChoice,
                                      CompletionLogprobs, CompletionRequest, CompletionResponse, DeltaMessage,
                                      UsageInfo, SamplingRequest)
-from kestrel.server.serving import (SSE_DONE, ClientGone, ServerState, SSEResponse, check_token_ids,
-                                    client_gone_response, collect, make_sampling_params, parse_body,
+from kestrel.server.serving import (ClientGone, ServerState, SSEResponse, arrival_time, check_token_ids,
+                                    client_gone_response, collect, encode_text, make_sampling_params, parse_body,
                                     sse, submit, until_disconnect)
+
+logger = logging.getLogger(__name__)
 
 _MIN_LOGPROB = -9999.0
 """JSON has no -inf; impossible tokens report this instead (as vLLM does)."""
 
 
 async def create_chat_completion(state: ServerState, request: Request) -> Response:
-    req = await parse_body(request, ChatCompletionRequest)
+    req = await parse_body(state, request, ChatCompletionRequest)
     _check_common(state, req)
     if not req.messages:
         raise APIError("'messages' must not be empty: give at least one message", param="messages")
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError("'top_logprobs' needs 'logprobs' set to true", param="top_logprobs")
-    prompt_ids = _render_chat(state, req)
+    prompt_ids = await state.run_blocking(_render_chat, state, req)
     uses_completion_name = req.max_completion_tokens is not None
     max_tokens = req.max_completion_tokens if uses_completion_name else req.max_tokens
     renames = {"logprobs": "top_logprobs"}
@@ -48,7 +53,7 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
     params = make_sampling_params(state, [len(prompt_ids)], max_tokens, renames, "messages",
                                   logprobs=num_logprobs, **_sampling_kwargs(req))
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    group = await submit(state, request_id, [prompt_ids], params)
+    group = await submit(state, request_id, [prompt_ids], params, arrival_time(request))
     usage = _Usage(len(prompt_ids), params.n)
     if req.stream:
         opts = req.stream_options
@@ -69,7 +74,7 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
 
 
 async def create_completion(state: ServerState, request: Request) -> Response:
-    req = await parse_body(request, CompletionRequest)
+    req = await parse_body(state, request, CompletionRequest)
     _check_common(state, req)
     if req.suffix:
         raise APIError("'suffix' is not supported", param="suffix")
@@ -77,11 +82,11 @@ async def create_completion(state: ServerState, request: Request) -> Response:
         raise APIError("'best_of' is not supported (it must equal n)", param="best_of")
     if req.echo and req.logprobs is not None:
         raise APIError("'echo' together with 'logprobs' is not supported (no prompt logprobs yet)", param="echo")
-    texts, prompts = _encode_prompts(state, req.prompt)
+    texts, prompts = await state.run_blocking(_encode_prompts, state, req.prompt)
     params = make_sampling_params(state, [len(p) for p in prompts], 16 if req.max_tokens is None else req.max_tokens,
                                   {}, "prompt", logprobs=req.logprobs, **_sampling_kwargs(req))
     request_id = f"cmpl-{uuid.uuid4().hex}"
-    group = await submit(state, request_id, prompts, params)
+    group = await submit(state, request_id, prompts, params, arrival_time(request))
     usage = _Usage(sum(len(p) for p in prompts), len(prompts) * params.n)
     echo = [texts[i // params.n] if req.echo else "" for i in range(len(prompts) * params.n)]
     if req.stream:
@@ -130,25 +135,31 @@ def _render_chat(state: ServerState, req: ChatCompletionRequest) -> list[int]:
     kwargs = dict(req.chat_template_kwargs or {})
     if req.tools:
         kwargs["tools"] = req.tools
+    if not getattr(state.tokenizer, "chat_template", None):
+        raise APIError("this model has no chat template: use /v1/completions with a plain prompt", param="messages")
     try:
         return apply_chat_template(state.tokenizer, messages, req.add_generation_prompt is not False, **kwargs)
-    except Exception as e:  # the template is user-controlled Jinja: any error is the request's
-        raise APIError(f"cannot apply the chat template to 'messages': {e}", param="messages") from None
+    except Exception as e:  # the messages (or chat_template_kwargs) are the request's: a 400
+        logger.debug("chat template failed", exc_info=True)
+        # raise_exception() in a template raises a plain TemplateError whose text is meant for users;
+        # any other error would show Python or Jinja internals.
+        detail = str(e) if type(e) is TemplateError else ("check the roles, their order and the content "
+                                                          "of each message")
+        raise APIError(f"the chat template cannot render these 'messages': {detail}", param="messages") from None
 
 
 def _encode_prompts(state: ServerState, prompt) -> tuple[list[str], list[list[int]]]:
     """(text, token ids) of each prompt: a string, strings, token ids or lists of token ids."""
-    tok = state.tokenizer
     if isinstance(prompt, str):
-        return [prompt], [tok.encode(prompt)]
+        return [prompt], [encode_text(state, prompt, "prompt")]
     if not prompt:
         raise APIError("'prompt' must not be empty", param="prompt")
     if isinstance(prompt[0], str):
-        return list(prompt), [tok.encode(p) for p in prompt]
+        return list(prompt), [encode_text(state, p, "prompt") for p in prompt]
     batch = [prompt] if isinstance(prompt[0], int) else prompt
     for ids in batch:
         check_token_ids(state, ids, "prompt")
-    return [tok.decode(ids) for ids in batch], [list(ids) for ids in batch]
+    return [state.tokenizer.decode(ids) for ids in batch], [list(ids) for ids in batch]
 
 
 # ---- streaming ------------------------------------------------------------------------
@@ -169,31 +180,25 @@ async def _chat_stream(state: ServerState, request_id: str, group: RequestGroup,
                        include_usage: bool, continuous_usage: bool) -> AsyncIterator[str]:
     model, created = state.config.model_name, int(time.time())
     started: set[int] = set()
-    try:
-        async for index, delta in group:
-            usage.completion_tokens += len(delta.token_ids)
-            running = usage.info() if continuous_usage else None
-            if index not in started:
-                started.add(index)
-                first = ChatStreamChoice(index=index, delta=DeltaMessage(role="assistant", content=""))
-                yield sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=[first],
-                                              usage=running))
-            if not (delta.text or delta.finish_reason or delta.logprobs):
-                continue
-            choice = ChatStreamChoice(index=index, delta=DeltaMessage(content=delta.text),
-                                      logprobs=_chat_logprobs(delta.logprobs) if delta.logprobs else None,
-                                      finish_reason=delta.finish_reason,
-                                      stop_reason=delta.stop_reason)
-            yield sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=[choice],
+    async for index, delta in group:
+        usage.completion_tokens += len(delta.token_ids)
+        running = usage.info() if continuous_usage else None
+        if index not in started:
+            started.add(index)
+            first = ChatStreamChoice(index=index, delta=DeltaMessage(role="assistant", content=""))
+            yield sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=[first],
                                           usage=running))
-        if include_usage:
-            yield sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=[],
-                                          usage=usage.info()))
-    except EngineError as e:
-        yield sse(APIError(str(e), e.status_code).to_body())
-    finally:
-        group.close()
-    yield SSE_DONE
+        if not (delta.text or delta.finish_reason or delta.logprobs):
+            continue
+        choice = ChatStreamChoice(index=index, delta=DeltaMessage(content=delta.text),
+                                  logprobs=_chat_logprobs(delta.logprobs) if delta.logprobs else None,
+                                  finish_reason=delta.finish_reason,
+                                  stop_reason=delta.stop_reason)
+        yield sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=[choice],
+                                      usage=running))
+    if include_usage:
+        yield sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=[],
+                                      usage=usage.info()))
 
 
 async def _completion_stream(state: ServerState, request_id: str, group: RequestGroup, usage: _Usage,
@@ -201,30 +206,24 @@ async def _completion_stream(state: ServerState, request_id: str, group: Request
                              continuous_usage: bool) -> AsyncIterator[str]:
     model, created = state.config.model_name, int(time.time())
     offsets = [len(e) for e in echo]
-    try:
-        async for index, delta in group:
-            usage.completion_tokens += len(delta.token_ids)
-            text = delta.text
-            if echo[index]:
-                text, echo[index] = echo[index] + text, ""
-            if not (text or delta.finish_reason or delta.logprobs):
-                continue
-            logprobs = None
-            if want_logprobs and delta.logprobs:
-                logprobs = _completion_logprobs(delta.logprobs, offsets[index])
-                offsets[index] += sum(len(p.chosen.token) for p in delta.logprobs)
-            choice = CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=delta.finish_reason,
-                                      stop_reason=delta.stop_reason)
-            yield sse(CompletionResponse(id=request_id, created=created, model=model, choices=[choice],
-                                         usage=usage.info() if continuous_usage else None))
-        if include_usage:
-            yield sse(CompletionResponse(id=request_id, created=created, model=model, choices=[],
-                                         usage=usage.info()))
-    except EngineError as e:
-        yield sse(APIError(str(e), e.status_code).to_body())
-    finally:
-        group.close()
-    yield SSE_DONE
+    async for index, delta in group:
+        usage.completion_tokens += len(delta.token_ids)
+        text = delta.text
+        if echo[index]:
+            text, echo[index] = echo[index] + text, ""
+        if not (text or delta.finish_reason or delta.logprobs):
+            continue
+        logprobs = None
+        if want_logprobs and delta.logprobs:
+            logprobs = _completion_logprobs(delta.logprobs, offsets[index])
+            offsets[index] += sum(len(p.chosen.token) for p in delta.logprobs)
+        choice = CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=delta.finish_reason,
+                                  stop_reason=delta.stop_reason)
+        yield sse(CompletionResponse(id=request_id, created=created, model=model, choices=[choice],
+                                     usage=usage.info() if continuous_usage else None))
+    if include_usage:
+        yield sse(CompletionResponse(id=request_id, created=created, model=model, choices=[],
+                                     usage=usage.info()))
 
 
 # ---- response shaping ------------------------------------------------------------------

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Request(BaseModel):
@@ -67,9 +67,17 @@ class TextPart(_Request):
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    """Required, except for an assistant message with tool_calls (as OpenAI has it)."""
     name: str | None = None
     tool_calls: list[dict] | None = None
     tool_call_id: str | None = None
+
+    @model_validator(mode="after")
+    def _content_given(self) -> ChatMessage:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("'content' is required (it may be null only in an assistant message with "
+                             "'tool_calls')")
+        return self
 
     def as_template_dict(self) -> dict:
         """The message as chat templates expect it: content as one string."""
@@ -139,6 +147,26 @@ class GenerateRequest(_Request):
 
 
 # ---- responses -----------------------------------------------------------------------
+def _now() -> int:
+    return int(time.time())
+
+
+class _Choice(_Response):
+    """What every choice of a reply or a streamed chunk carries."""
+
+    index: int
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+
+class _Envelope(_Response):
+    """What every completion reply or chunk carries around its choices."""
+
+    id: str
+    created: int = Field(default_factory=_now)
+    model: str
+
+
 class UsageInfo(_Response):
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -165,23 +193,13 @@ class ChatResponseMessage(_Response):
     tool_calls: list[dict] = Field(default_factory=list)
 
 
-class ChatCompletionChoice(_Response):
-    index: int
+class ChatCompletionChoice(_Choice):
     message: ChatResponseMessage
     logprobs: ChatChoiceLogprobs | None = None
-    finish_reason: str | None
-    stop_reason: str | int | None = None
 
 
-def _now() -> int:
-    return int(time.time())
-
-
-class ChatCompletionResponse(_Response):
-    id: str
+class ChatCompletionResponse(_Envelope):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=_now)
-    model: str
     choices: list[ChatCompletionChoice]
     usage: UsageInfo
     system_fingerprint: str | None = None
@@ -192,19 +210,13 @@ class DeltaMessage(_Response):
     content: str | None = None
 
 
-class ChatStreamChoice(_Response):
-    index: int
+class ChatStreamChoice(_Choice):
     delta: DeltaMessage
     logprobs: ChatChoiceLogprobs | None = None
-    finish_reason: str | None = None
-    stop_reason: str | int | None = None
 
 
-class ChatCompletionChunk(_Response):
-    id: str
+class ChatCompletionChunk(_Envelope):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int = Field(default_factory=_now)
-    model: str
     choices: list[ChatStreamChoice]
     usage: UsageInfo | None = None
 
@@ -216,19 +228,13 @@ class CompletionLogprobs(_Response):
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
 
 
-class CompletionChoice(_Response):
-    index: int
+class CompletionChoice(_Choice):
     text: str
     logprobs: CompletionLogprobs | None = None
-    finish_reason: str | None
-    stop_reason: str | int | None = None
 
 
-class CompletionResponse(_Response):
-    id: str
+class CompletionResponse(_Envelope):
     object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=_now)
-    model: str
     choices: list[CompletionChoice]
     usage: UsageInfo | None
     system_fingerprint: str | None = None
@@ -257,3 +263,23 @@ class ErrorInfo(_Response):
 
 class ErrorResponse(_Response):
     error: ErrorInfo
+
+
+class GenerateResult(_Response):
+    """One completion of POST /generate (a list of them for a batch or n > 1)."""
+
+    text: str
+    output_ids: list[int]
+    meta_info: dict
+    """id, prompt_tokens, completion_tokens, finish_reason (and logprobs when asked for)."""
+    index: int | None = None
+
+
+class HealthResponse(_Response):
+    status: str
+    """ok, loading, restarting, draining, stalled or dead."""
+    detail: str | None = None
+
+
+class VersionResponse(_Response):
+    version: str

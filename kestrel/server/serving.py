@@ -1,17 +1,24 @@
 """What every generating endpoint of the API process shares: parsing, checks, submission, streaming.
 
 `ServerState` is the API process's view of the world (config, engine client, tokenizer once
-loaded). The helpers below turn a parsed request into validated `SamplingParams` (context-length
-checks included), submit the engine requests of one call, collect or stream what comes back, and
-abort it all if the HTTP client goes away. No torch here.
+loaded, request statistics, whether it drains) and tells /health the truth (`health()`). The
+helpers below parse bodies and tokenize off the event loop (`run_blocking`, a small thread pool,
+so /health answers while a large prompt is tokenized), turn a parsed request into validated
+`SamplingParams` (context-length checks included), submit the engine requests of one call
+(503 + Retry-After beyond `--max-queued-requests`; `--request-timeout` as the group's deadline),
+collect or stream what comes back, and abort it all if the HTTP client goes away. No torch here.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -25,11 +32,19 @@ from kestrel.sampling_params import SamplingParams
 from kestrel.server.client import EngineClient, EngineError, EngineRequest, RequestGroup
 from kestrel.server.config import ServerConfig
 from kestrel.server.errors import APIError, from_validation_error, from_value_error
+from kestrel.server.request_stats import FrontendStats
 
 logger = logging.getLogger(__name__)
 
 ModelT = TypeVar("ModelT", bound=pydantic.BaseModel)
 T = TypeVar("T")
+
+RETRY_AFTER = {"Retry-After": "5"}
+_MAX_ENGINE_REQUESTS_PER_CALL = 1024
+"""Prompts x n of one call."""
+_THREAD_PARSE_BYTES = 256 * 1024
+"""Bodies at least this large are parsed off the event loop."""
+
 
 @dataclass(slots=True)
 class ServerState:
@@ -40,23 +55,47 @@ class ServerState:
     tokenizer: object | None = None
     """The model's tokenizer, once loaded (in a thread, while /health answers 503)."""
     tokenizer_error: str | None = None
+    """Why the tokenizer did not load, phrased for a response (the log has the details)."""
+    stats: FrontendStats | None = None
+    draining: bool = False
+    """A Drain arrived: new requests get 503, the process exits when those in flight are done."""
+    num_active_calls: int = 0
+    """Generating HTTP calls whose response is not fully sent (counted by `AdmissionMiddleware`)."""
+    started_at: float = field(default_factory=time.monotonic)
+    executor: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(2, thread_name_prefix="kestrel-tokenize"))
+    """Tokenizing, chat templates and parsing large bodies run here, off the event loop."""
 
-    @property
-    def is_ready(self) -> bool:
-        return (self.tokenizer is not None and self.client.engine_info is not None
-                and self.client.dead_reason is None)
+    def __post_init__(self) -> None:
+        if self.stats is None:
+            self.stats = FrontendStats(self.config.model_name)
 
-    @property
-    def not_ready_reason(self) -> str:
-        if self.client.dead_reason is not None:
-            return self.client.dead_reason
+    def health(self) -> tuple[str, str | None]:
+        """("ok", None) or (status, what is wrong): dead, restarting, loading, draining or stalled."""
+        client = self.client
+        if client.dead_reason is not None:
+            return ("restarting" if client.is_restarting else "dead"), client.dead_reason
         if self.tokenizer_error is not None:
-            return self.tokenizer_error
-        return "the model is still loading; retry when GET /health answers 200"
+            return "dead", self.tokenizer_error
+        if self.tokenizer is None or client.engine_info is None:
+            return "loading", "the model is still loading; retry when GET /health answers 200"
+        if self.draining:
+            return "draining", "the server is shutting down and accepts no new requests"
+        stall_timeout = self.config.stall_timeout_s
+        stalled_for = client.seconds_without_progress()
+        if stall_timeout and stalled_for > stall_timeout:
+            return "stalled", (f"the engine has had work but made no step for {stalled_for:.0f} s "
+                               f"(--stall-timeout {stall_timeout:g})")
+        return "ok", None
 
     def check_ready(self) -> None:
-        if not self.is_ready:
-            raise APIError(self.not_ready_reason, 503, code="not_ready")
+        status, detail = self.health()
+        if status not in ("ok", "stalled"):
+            raise APIError(detail or status, 503, code="not_ready", headers=RETRY_AFTER)
+
+    async def run_blocking(self, fn: Callable[..., T], *args) -> T:
+        """Run `fn(*args)` in the tokenizer threads; the event loop keeps serving meanwhile."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, functools.partial(fn, *args))
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model not in self.config.served_model_names:
@@ -76,13 +115,20 @@ class ServerState:
         return PromptLimits(info.max_model_len, info.vocab_size)
 
 
-async def parse_body(request: Request, model: type[ModelT]) -> ModelT:
-    """Parse and type-check a JSON body; 400 naming the parameter when it is wrong."""
+async def parse_body(state: ServerState, request: Request, model: type[ModelT]) -> ModelT:
+    """Parse and type-check a JSON body (a large one off the event loop); 400 naming the parameter."""
     body = await request.body()
     try:
+        if len(body) >= _THREAD_PARSE_BYTES:
+            return await state.run_blocking(model.model_validate_json, body)
         return model.model_validate_json(body or b"")
     except pydantic.ValidationError as e:
         raise from_validation_error(e) from None
+
+
+def arrival_time(request: Request) -> float:
+    """When the HTTP request arrived (time.monotonic(), stamped by `AdmissionMiddleware`)."""
+    return request.scope.get("kestrel.arrival") or time.monotonic()
 
 
 def make_sampling_params(state: ServerState, prompt_lens: list[int], max_tokens: int | None,
@@ -95,12 +141,24 @@ def make_sampling_params(state: ServerState, prompt_lens: list[int], max_tokens:
         params = SamplingParams(max_tokens=max_tokens, **kwargs)
     except ValueError as e:
         raise from_value_error(e, renames) from None
+    if len(prompt_lens) * params.n > _MAX_ENGINE_REQUESTS_PER_CALL:
+        raise APIError(f"{len(prompt_lens)} prompts x n={params.n} is more than the "
+                       f"{_MAX_ENGINE_REQUESTS_PER_CALL} completions one call may ask for", param=renames.get("n", "n"))
     for prompt_len in prompt_lens:
         try:
             state.limits.check_len(prompt_len, max_tokens, prompt_param, renames.get("max_tokens", "max_tokens"))
         except PromptError as e:
             raise APIError(str(e), param=e.param, code=e.code) from None
     return params
+
+
+def encode_text(state: ServerState, text: str, param: str) -> list[int]:
+    """Token ids of a prompt text (call it off the event loop); 400 naming `param` if it cannot be."""
+    try:
+        return state.tokenizer.encode(text)
+    except Exception:  # e.g. a lone surrogate the tokenizer cannot take
+        logger.debug("cannot tokenize a prompt", exc_info=True)
+        raise APIError(f"'{param}' cannot be tokenized (is it valid Unicode text?)", param=param) from None
 
 
 def check_token_ids(state: ServerState, ids: list[int], param: str) -> None:
@@ -111,14 +169,37 @@ def check_token_ids(state: ServerState, ids: list[int], param: str) -> None:
 
 
 async def submit(state: ServerState, base_id: str, prompts: list[list[int]],
-                 params: SamplingParams) -> RequestGroup:
+                 params: SamplingParams, arrival: float) -> RequestGroup:
     """Start n engine requests per prompt; choice index = prompt index * n + i, seeds seed + i."""
     requests = [EngineRequest(p * params.n + i, ids, params.for_completion(i))
                 for p, ids in enumerate(prompts) for i in range(params.n)]
+    _check_queue(state, len(requests))
+    timeout = state.config.request_timeout_s
+    if state.config.log_requests:
+        logger.info("request %s: prompts %r, params %s", base_id,
+                    [state.tokenizer.decode(p[:_LOGGED_TOKENS]) for p in prompts], params)
     try:
-        return await state.client.generate(base_id, requests)
+        return await state.client.generate(base_id, requests, None if timeout is None else arrival + timeout,
+                                           state.stats.observe(arrival))
     except EngineError as e:
-        raise APIError(str(e), e.status_code) from None
+        raise APIError(str(e), e.status_code, headers=RETRY_AFTER if e.status_code == 503 else None) from None
+
+
+_LOGGED_TOKENS = 256
+"""How much of each prompt --log-requests shows (tokens)."""
+
+
+def _check_queue(state: ServerState, num_new: int) -> None:
+    """503 + Retry-After when admitting `num_new` engine requests would pass --max-queued-requests."""
+    limit = state.config.max_queued_requests
+    info = state.client.engine_info
+    if limit is None or info is None:
+        return
+    capacity = info.max_num_seqs + limit
+    if state.client.num_in_flight + num_new > capacity:
+        raise APIError(f"the server is at capacity ({capacity} requests admitted: --max-num-seqs "
+                       f"{info.max_num_seqs} + --max-queued-requests {limit}); retry later",
+                       503, code="server_overloaded", headers={"Retry-After": "1"})
 
 
 @dataclass(slots=True)
@@ -187,17 +268,20 @@ def client_gone_response() -> Response:
     return Response(status_code=499)
 
 
-
 class SSEResponse(StreamingResponse):
     """A `text/event-stream` response that always ends its requests, however the stream ends.
 
-    `group.close()` runs even if the generator never started (client gone before the headers).
+    `content` yields the events; an `EngineError` it raises becomes an error event, `data: [DONE]`
+    comes last, and `group.close()` runs even if the generator never started (client gone before
+    the headers).
     """
 
     media_type = "text/event-stream"
 
-    def __init__(self, content: AsyncIterator[str], group: RequestGroup) -> None:
-        super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    def __init__(self, content: AsyncIterator[str], group: RequestGroup,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(_events_then_done(content, group),
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})})
         self._group = group
 
     async def __call__(self, scope, receive, send) -> None:
@@ -206,6 +290,18 @@ class SSEResponse(StreamingResponse):
         finally:
             await self.body_iterator.aclose()
             self._group.close()
+
+
+async def _events_then_done(content: AsyncIterator[str], group: RequestGroup) -> AsyncIterator[str]:
+    try:
+        async with contextlib.aclosing(content):
+            async for event in content:
+                yield event
+    except EngineError as e:
+        yield sse(APIError(str(e), e.status_code).to_body())
+    finally:
+        group.close()
+    yield SSE_DONE
 
 
 def sse(model: pydantic.BaseModel | dict) -> str:

@@ -1,30 +1,26 @@
 """End to end: a real `kestrel serve` process (bundled SmolLM2) driven by the official openai client.
 
 The module-scoped `server` starts once (the model loads once) and is stopped with SIGTERM by the
-last test, which checks that no child process outlives it. `test_engine_death_*` starts a second,
-small server (a tiny random model with the SmolLM2 tokenizer, an API key) and kills its engine.
+last test, which checks that a request still in flight at the drain deadline ends with an error
+event and that no child process outlives the server. Faults (engine death, restarts, drains) are
+tested in test_server_faults.py.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
-from dataclasses import dataclass
 
 import httpx
 import openai
 import pytest
 
-from tests.conftest import make_tiny_hf_model
+from tests.server_harness import (STOP_TIMEOUT_S, Server, descendants, engine_state, start_server, stop,
+                                  wait_all_gone, wait_engine_idle)
 
-_START_TIMEOUT_S = 600
-_STOP_TIMEOUT_S = 30
 _MAX_MODEL_LEN = 2048
 _MESSAGES = [{"role": "system", "content": "You are brief."},
              {"role": "user", "content": "Name three colors."}]
@@ -32,102 +28,13 @@ _PROMPT = "The capital of France is"
 MODEL = "SmolLM2-135M-Instruct"
 
 
-@dataclass
-class Server:
-    url: str
-    proc: subprocess.Popen
-    log_path: str
-    saw_503: bool
-
-    def log(self) -> str:
-        with open(self.log_path, errors="replace") as f:
-            return f.read()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_server(tmp_dir, *args: str) -> Server:
-    port = _free_port()
-    log_path = os.path.join(tmp_dir, f"server-{port}.log")
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "kestrel.cli", "serve", "--port", str(port),
-                                 "--max-model-len", str(_MAX_MODEL_LEN), *args],
-                                stdout=log, stderr=subprocess.STDOUT, env=env)
-    server = Server(f"http://127.0.0.1:{port}", proc, log_path, saw_503=False)
-    deadline = time.monotonic() + _START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"kestrel serve exited with {proc.returncode}:\n{server.log()[-5000:]}")
-        try:
-            status = httpx.get(server.url + "/health", timeout=5).status_code
-        except httpx.HTTPError:
-            status = None
-        server.saw_503 |= status == 503
-        if status == 200:
-            return server
-        time.sleep(0.5)
-    _stop(server.proc)
-    pytest.fail(f"kestrel serve did not become healthy:\n{server.log()[-5000:]}")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(_STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _descendants(pid: int) -> set[int]:
-    """Every live process below `pid` (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def _wait_all_gone(pids: set[int], timeout: float = 15.0) -> set[int]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        left = {p for p in pids if _alive(p)}
-        if not left:
-            return left
-        time.sleep(0.2)
-    return {p for p in pids if _alive(p)}
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    server = _start_server(str(tmp_path_factory.mktemp("serve")), "--kv-cache-memory-gb", "0.25",
-                           "--max-num-seqs", "16", "--disable-uvicorn-access-log")
+    server = start_server(str(tmp_path_factory.mktemp("serve")), "--max-model-len", str(_MAX_MODEL_LEN),
+                          "--kv-cache-memory-gb", "0.25", "--max-num-seqs", "16", "--disable-uvicorn-access-log",
+                          "--shutdown-timeout", "3")
     yield server
-    _stop(server.proc)
+    stop(server.proc)
 
 
 @pytest.fixture(scope="module")
@@ -145,17 +52,11 @@ def client(server):
 
 
 def _engine_state(server: Server) -> dict:
-    return httpx.get(server.url + "/debug/state", timeout=30).json()
+    return engine_state(server.url)
 
 
 def _wait_engine_idle(server: Server, timeout: float = 60.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        state = _engine_state(server)
-        e = state["engine"]
-        if e["num_free_slots"] == e["num_slots"] and e["num_unfinished_requests"] == 0 or time.monotonic() > deadline:
-            return state
-        time.sleep(0.2)
+    return wait_engine_idle(server.url, timeout)
 
 
 # ---- readiness and metadata -----------------------------------------------------------
@@ -344,6 +245,20 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi " * 3000}]}, 400, "messages", ["2048"]),
     ("/generate", {"text": _PROMPT, "sampling_params": {"temperature": -1}}, 400, "sampling_params.temperature", []),
     ("/generate", {"sampling_params": {}}, 400, "text", []),
+    # limits (issue 11): each a 4xx naming the field
+    ("/v1/chat/completions", {"messages": _MESSAGES, "temperature": 1e6}, 400, "temperature", ["[0.0, 2.0]"]),
+    ("/v1/completions", {"prompt": _PROMPT, "stop": ["x"] * 1000}, 400, "stop", ["16", "1000"]),
+    ("/v1/completions", {"prompt": _PROMPT, "stop": ["x" * 300]}, 400, "stop", ["256"]),
+    ("/v1/completions", {"prompt": _PROMPT, "stop_token_ids": list(range(2000))}, 400, "stop_token_ids", ["1024"]),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": None}]}, 400, "messages", ["content"]),
+    ("/v1/chat/completions", {"messages": [{"role": "system"}]}, 400, "messages", ["content"]),
+    ("/v1/completions", {"prompt": _PROMPT, "logprobs": 21}, 400, "logprobs", ["20"]),
+    ("/v1/completions", {"prompt": _PROMPT, "n": 129}, 400, "n", ["128"]),
+    ("/v1/completions", {"prompt": [_PROMPT] * 20, "n": 100}, 400, "n", ["1024"]),
+    ("/v1/completions", {"prompt": _PROMPT, "max_tokens": 10**12}, 400, "max_tokens", [str(_MAX_MODEL_LEN)]),
+    ("/v1/chat/completions", {"messages": _MESSAGES, "chat_template_kwargs": {"tokenize": True}}, 400, "messages",
+     ["chat template"]),
+    ("/generate", {"text": _PROMPT, "sampling_params": {"stop": ["a"] * 17}}, 400, "sampling_params.stop", []),
 ]
 
 
@@ -358,6 +273,20 @@ def test_bad_request_gets_openai_error(server, endpoint, body, status, param, wo
     assert error["param"] == param
     for word in words:
         assert word in error["message"]
+
+
+_INTERNALS = ("Traceback", 'File "', "site-packages", "/usr/", "/tmp/", "/work/", "Error:", "keyword argument")
+
+
+def test_no_paths_or_python_internals_in_responses(server):
+    texts = [httpx.get(server.url + path, timeout=30).text for path in ("/v1/models", "/health", "/nope")]
+    for endpoint, body, *_ in BAD_REQUESTS:
+        kw = {"content": body} if isinstance(body, str) else {"json": body}
+        texts.append(httpx.post(server.url + endpoint, timeout=60, headers={"content-type": "application/json"},
+                                **kw).text)
+    for text in texts:
+        assert not any(word in text for word in _INTERNALS), text
+    assert httpx.get(server.url + "/v1/models").json()["data"][0]["root"] == MODEL
 
 
 def test_openai_client_sees_typed_errors(client):
@@ -416,69 +345,21 @@ def test_kestrel_client_command(server):
     assert out.stdout.strip() and "completion tokens" in out.stderr
 
 
-# ---- a second server: API key, engine death ---------------------------------------------------
-def test_engine_death_gives_503_and_sigterm_leaves_no_orphans(tmp_path):
-    from kestrel.config import EngineConfig
-    from kestrel.server.commands import tokenizer_path
-
-    model_dir = str(tmp_path / "tiny")
-    make_tiny_hf_model(model_dir, "llama", vocab_size=49152, max_position_embeddings=_MAX_MODEL_LEN)
-    srv = _start_server(str(tmp_path), model_dir, "--tokenizer", tokenizer_path(EngineConfig()),
-                        "--api-key", "sekret", "--served-model-name", "tiny", "--kv-cache-memory-gb", "0.05")
-    try:
-        assert httpx.get(srv.url + "/v1/models").status_code == 401
-        assert httpx.get(srv.url + "/health").status_code == 200
-        tiny = openai.OpenAI(base_url=srv.url + "/v1", api_key="sekret", max_retries=0, timeout=120)
-        assert tiny.completions.create(model="tiny", prompt="Hi", max_tokens=3).usage.completion_tokens >= 1
-        with pytest.raises(openai.AuthenticationError):
-            openai.OpenAI(base_url=srv.url + "/v1", api_key="wrong", max_retries=0).models.list()
-        engine_pid = _engine_pid(srv.proc.pid)
-        os.kill(engine_pid, signal.SIGKILL)
-        _wait_for(lambda: httpx.get(srv.url + "/health").status_code == 503)
-        assert "engine process" in httpx.get(srv.url + "/health").json()["detail"]
-        with pytest.raises(openai.APIStatusError) as info:
-            tiny.completions.create(model="tiny", prompt="Hi", max_tokens=3)
-        assert info.value.status_code == 503
-        _wait_for(lambda: "died with exit code" in srv.log())
-        _sigterm_and_check_no_orphans(srv)
-    finally:
-        _stop(srv.proc)
-
-
-def _engine_pid(server_pid: int) -> int:
-    """The server's engine process: the one child that maps torch's shared library."""
-    for pid in _descendants(server_pid):
-        try:
-            with open(f"/proc/{pid}/maps") as f:
-                if "libtorch" in f.read():
-                    return pid
-        except OSError:
-            continue
-    raise AssertionError(f"no engine process under {server_pid}")
-
-
-def _wait_for(condition, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.2)
-
-
-def _sigterm_and_check_no_orphans(srv: Server) -> None:
-    children = _descendants(srv.proc.pid)
-    assert len(children) >= 2
-    srv.proc.send_signal(signal.SIGTERM)
-    assert srv.proc.wait(_STOP_TIMEOUT_S) == 0
-    assert _wait_all_gone(children) == set(), srv.log()[-3000:]
-    assert "all server processes stopped" in srv.log()
-
-
 # ---- last: stop the module server ----------------------------------------------------------------
-def test_sigterm_stops_everything_without_orphans(server):
-    """Runs last in this file: SIGTERM with a request in flight, then every child must be gone."""
-    children = _descendants(server.proc.pid)
+def test_sigterm_drains_then_stops_everything_without_orphans(server):
+    """Runs last in this file: SIGTERM with a long request in flight. It goes on generating until the
+    drain deadline (--shutdown-timeout 3), then ends with an error event; every child must be gone."""
+    children = descendants(server.proc.pid)
     assert len(children) >= 3  # api, detokenizer, engine (+ multiprocessing's resource tracker)
     with httpx.stream("POST", server.url + "/v1/completions", timeout=60,
                       json={"prompt": _PROMPT, "max_tokens": 1500, "ignore_eos": True, "stream": True}) as r:
-        next(line for line in r.iter_lines() if line.startswith("data: "))
-        _sigterm_and_check_no_orphans(server)
+        lines = r.iter_lines()
+        next(line for line in lines if line.startswith("data: "))
+        server.proc.send_signal(signal.SIGTERM)
+        rest = [line for line in lines if line.startswith("data: ")]
+    assert rest[-1] == "data: [DONE]" and "shutting down" in rest[-2]
+    assert len(rest) > 3  # it kept generating while the server drained
+    assert server.proc.wait(STOP_TIMEOUT_S) == 0
+    assert wait_all_gone(children) == set(), server.log()[-3000:]
+    log = server.log()
+    assert "all server processes stopped" in log and "Traceback" not in log

@@ -47,8 +47,9 @@ _STOP_GRACE_S = 5.0
 """How long a child may take to exit after SIGTERM before it is killed."""
 _API_EXIT_GRACE_S = 10.0
 """How long the API process may take to exit after its drain deadline."""
-_DEATH_DRAIN_S = 2.0
-"""After a fatal child death: time for in-flight requests to receive their error."""
+_DEATH_LINGER_S = 2.0
+"""After a fatal child death: how long /health answers 503 (and in-flight requests receive their
+error) before the API process drains and the server exits."""
 _WATCH_INTERVAL_S = 0.5
 _PIPELINE = ("detokenizer", "engine")
 """The processes `--restart-engine` restarts together (the detokenizer holds the engine's requests)."""
@@ -161,8 +162,10 @@ class Supervisor:
         self._to_api.send(encode(ProcessDied(name, proc.pid, proc.exitcode, is_restarting=restart)))
         if not restart:
             logger.error("stopping the server (start it with --restart-engine to restart the engine instead)")
-            self._drain(_DEATH_DRAIN_S, exit_code=1)
-            return 1
+            deadline = time.monotonic() + _DEATH_LINGER_S
+            while time.monotonic() < deadline and self._num_signals < 2:
+                time.sleep(0.05)
+            return self._drain(_DEATH_LINGER_S, exit_code=1)
         self._num_restarts += 1
         logger.warning("restarting the engine and detokenizer (restart %d); in-flight requests failed",
                        self._num_restarts)

@@ -196,6 +196,9 @@ def _check_queue(state: ServerState, num_new: int) -> None:
     if limit is None or info is None:
         return
     capacity = info.max_num_seqs + limit
+    if num_new > capacity:  # it would never fit: retrying cannot help
+        raise APIError(f"this call asks for {num_new} completions (prompts x n); this server admits at most "
+                       f"{capacity} at once", param="n")
     if state.client.num_in_flight + num_new > capacity:
         raise APIError(f"the server is at capacity ({capacity} requests admitted: --max-num-seqs "
                        f"{info.max_num_seqs} + --max-queued-requests {limit}); retry later",

@@ -1,0 +1,172 @@
+"""Limits and the documented API against one real `kestrel serve` (a tiny random model, context 48).
+
+A 50 MB body gets 413 at once, unread (and a chunked one as soon as it passes the limit), while
+/health keeps answering in under 100 ms; so does it while a large prompt is tokenized; past
+--max-queued-requests a call gets 503 + Retry-After; /openapi.json documents every route's body
+and errors; schemathesis fuzzes the completion, chat and generate routes with >= 500 cases: no
+5xx, no hang, every reply as documented; CORS headers only for --allowed-origins.
+"""
+
+from __future__ import annotations
+
+import re
+import select
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.server_harness import start_server, stop, tiny_model
+
+_MAX_MODEL_LEN = 48
+_ORIGIN = "http://dashboard.example"
+_SCHEMATHESIS = Path(sys.executable).parent / "schemathesis"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("limits"))
+    model_dir, args = tiny_model(folder)
+    srv = start_server(folder, model_dir, *args, "--kv-cache-memory-gb", "0.05",
+                       "--max-model-len", str(_MAX_MODEL_LEN), "--max-num-seqs", "4", "--max-queued-requests", "2",
+                       "--request-timeout", "10", "--allowed-origins", _ORIGIN, "--disable-uvicorn-access-log")
+    yield srv
+    stop(srv.proc)
+
+
+class _HealthProbe(threading.Thread):
+    """GET /health every 20 ms until stopped; `latencies` in seconds."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(daemon=True)
+        self.url, self.stop_event, self.latencies = url, threading.Event(), []
+
+    def run(self) -> None:
+        with httpx.Client(timeout=10) as client:
+            while not self.stop_event.is_set():
+                start = time.perf_counter()
+                assert client.get(self.url + "/health").status_code == 200
+                self.latencies.append(time.perf_counter() - start)
+                time.sleep(0.02)
+
+    def __enter__(self) -> _HealthProbe:
+        self.start()
+        time.sleep(0.1)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop_event.set()
+        self.join(10)
+        assert self.latencies, "no /health answer"
+        worst = sorted(self.latencies)[int(0.95 * (len(self.latencies) - 1))]
+        assert worst < 0.1, f"/health p95 {worst * 1000:.0f} ms (max {max(self.latencies) * 1000:.0f} ms)"
+
+
+def _raw_post(url: str, headers: str, chunks) -> tuple[bytes, float]:
+    """Send a POST over a raw socket, chunk by chunk until the server answers; (reply, seconds to it)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        start = time.monotonic()
+        sock.sendall(headers.encode())
+        for chunk in chunks:
+            if select.select([sock], [], [], 0)[0]:
+                break  # the server answered
+            try:
+                sock.sendall(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        select.select([sock], [], [], 10)
+        seconds = time.monotonic() - start
+        reply = b""
+        try:
+            while data := sock.recv(65536):  # the server closes the connection after its reply
+                reply += data
+        except ConnectionResetError:
+            pass
+        return reply, seconds
+
+
+def test_50mb_body_gets_413_at_once_and_health_stays_fast(server):
+    size = 50 * 2**20
+    headers = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {size}\r\n\r\n")
+    with _HealthProbe(server.url):
+        reply, seconds = _raw_post(server.url, headers, [b"x" * 2**20] * 50)
+        assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
+        assert seconds < 1.0 and b"--max-request-body-mb" in reply
+        chunk = b"%x\r\n%s\r\n" % (2**20, b"x" * 2**20)
+        chunked = ("POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                   "Transfer-Encoding: chunked\r\n\r\n")
+        reply, _ = _raw_post(server.url, chunked, [chunk] * 40)
+        assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
+
+
+def test_health_stays_fast_while_a_large_prompt_is_tokenized(server):
+    text = "the quick brown fox jumps over the lazy dog " * 50_000  # 2.2 MB, ~500k tokens
+    with _HealthProbe(server.url) as probe:
+        start = time.monotonic()
+        r = httpx.post(server.url + "/v1/completions", json={"prompt": text, "max_tokens": 1}, timeout=300)
+        seconds = time.monotonic() - start
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert seconds > 0.3 and len(probe.latencies) > 5  # it took a while, and /health answered meanwhile
+
+
+def test_queue_limit_gives_503_with_retry_after(server):
+    results: list[int] = []
+    body = {"prompt": "Hi", "max_tokens": 40, "ignore_eos": True}
+
+    def call() -> None:
+        results.append(httpx.post(server.url + "/v1/completions", json=body, timeout=120).status_code)
+
+    threads = [threading.Thread(target=call) for _ in range(6)]  # 4 running + 2 queued fill it
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    r = httpx.post(server.url + "/v1/completions", json=body, timeout=120)
+    for t in threads:
+        t.join(120)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "server_overloaded"
+    assert int(r.headers["retry-after"]) >= 1
+    assert results == [200] * 6
+
+
+def test_cors_only_for_allowed_origins(server):
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"}
+    ok = httpx.options(server.url + "/v1/completions", headers={"Origin": _ORIGIN, **preflight})
+    assert ok.headers["access-control-allow-origin"] == _ORIGIN
+    other = httpx.get(server.url + "/v1/models", headers={"Origin": "http://evil.example"})
+    assert "access-control-allow-origin" not in other.headers
+
+
+def test_openapi_documents_bodies_and_errors(server):
+    doc = httpx.get(server.url + "/openapi.json").json()
+    for path in ("/v1/chat/completions", "/v1/completions", "/generate"):
+        op = doc["paths"][path]["post"]
+        ref = op["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+        assert ref.rsplit("/", 1)[1] in doc["components"]["schemas"]
+        assert {"200", "400", "401", "404", "408", "413", "500", "503"} <= set(op["responses"])
+        assert "text/event-stream" in op["responses"]["200"]["content"]
+    for path, methods in doc["paths"].items():
+        for op in methods.values():
+            assert op["responses"], path
+    assert "/metrics" in doc["paths"] and "/v1/stats" in doc["paths"] and "/dashboard" in doc["paths"]
+
+
+@pytest.mark.skipif(not _SCHEMATHESIS.exists(), reason="schemathesis is not installed (pip install -e '.[dev]')")
+def test_schemathesis_fuzz_finds_no_5xx_and_no_schema_mismatch(server, tmp_path):
+    out = subprocess.run(
+        [str(_SCHEMATHESIS), "run", "--workers", "1", server.url + "/openapi.json", "--include-path-regex", r"^/(v1/(chat/)?completions|generate)$",
+         "--phases", "fuzzing", "-n", "170", "--seed", "11", "--request-timeout", "30", "--no-color",
+         "--checks", "not_a_server_error,status_code_conformance,content_type_conformance,"
+                     "response_headers_conformance,response_schema_conformance"],
+        capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    summary = out.stdout[-3000:]
+    match = re.search(r"(\d+) generated, (\d+) passed", out.stdout)
+    assert out.returncode == 0 and match, summary
+    assert int(match.group(1)) >= 500 and match.group(1) == match.group(2), summary
+    assert "errored" not in summary and "failed" not in summary.split("Test cases:")[-1], summary

@@ -41,6 +41,20 @@ def make_tiny_hf_model(path: str, arch: str = "llama", seed: int = 0, **override
     return model
 
 
+def train_bpe_tokenizer(corpus: str, eos_token: str):
+    """A small byte-level BPE tokenizer (vocabulary 300) trained on `corpus`, as transformers loads one."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=[eos_token], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([corpus] * 5, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos_token)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("tiny_llama"))

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
 from kestrel.chat import ChatSession
 from kestrel.cli import build_parser
 from kestrel.config import EngineConfig
 from kestrel.engine import Engine
 from kestrel.sampling_params import SamplingParams
-from tests.conftest import make_tiny_hf_model
+from tests.conftest import make_tiny_hf_model, train_bpe_tokenizer
 
 _TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
              "{% if add_generation_prompt %}<|assistant|>{% endif %}")
@@ -19,13 +17,7 @@ _TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|
 
 @pytest.fixture(scope="module")
 def session_parts(tmp_path_factory):
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|end|>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["hello there, how are you today? user assistant system"] * 5, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|end|>")
+    tokenizer = train_bpe_tokenizer("hello there, how are you today? user assistant system", "<|end|>")
     tokenizer.chat_template = _TEMPLATE
     path = str(tmp_path_factory.mktemp("tiny_chat"))
     make_tiny_hf_model(path, "llama", vocab_size=tokenizer.vocab_size, max_position_embeddings=96)

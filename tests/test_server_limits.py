@@ -160,7 +160,8 @@ def test_openapi_documents_bodies_and_errors(server):
 @pytest.mark.skipif(not _SCHEMATHESIS.exists(), reason="schemathesis is not installed (pip install -e '.[dev]')")
 def test_schemathesis_fuzz_finds_no_5xx_and_no_schema_mismatch(server, tmp_path):
     out = subprocess.run(
-        [str(_SCHEMATHESIS), "run", "--workers", "1", server.url + "/openapi.json", "--include-path-regex", r"^/(v1/(chat/)?completions|generate)$",
+        [str(_SCHEMATHESIS), "run", "--workers", "1", server.url + "/openapi.json",
+         "--include-path-regex", r"^/(v1/(chat/)?completions|generate)$",
          "--phases", "fuzzing", "-n", "170", "--seed", "11", "--request-timeout", "30", "--no-color",
          "--checks", "not_a_server_error,status_code_conformance,content_type_conformance,"
                      "response_headers_conformance,response_schema_conformance"],

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 import zmq
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from kestrel.config import EngineConfig
@@ -19,6 +18,7 @@ from kestrel.outputs import EngineOutput, Logprob
 from kestrel.sampling_params import SamplingParams
 from kestrel.server.detokenizer_proc import Detokenizer
 from kestrel.server.engine_proc import EngineLoop
+from tests.conftest import train_bpe_tokenizer
 
 
 # ---- engine loop ---------------------------------------------------------------------
@@ -131,13 +131,7 @@ def test_a_failing_step_fails_its_requests_but_not_the_loop(harness, monkeypatch
 # ---- detokenizer stage -----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tokenizer() -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["hello world, the stop word is STOP and then more text"] * 5, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+    return train_bpe_tokenizer("hello world, the stop word is STOP and then more text", "<eos>")
 
 
 def _batch(started=(), aborted=(), outputs=()) -> TokenBatch:

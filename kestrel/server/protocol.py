@@ -193,9 +193,21 @@ class ChatResponseMessage(_Response):
     tool_calls: list[dict] = Field(default_factory=list)
 
 
-class ChatCompletionChoice(_Choice):
-    message: ChatResponseMessage
+class DeltaMessage(_Response):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class _ChatChoice(_Choice):
     logprobs: ChatChoiceLogprobs | None = None
+
+
+class ChatCompletionChoice(_ChatChoice):
+    message: ChatResponseMessage
+
+
+class ChatStreamChoice(_ChatChoice):
+    delta: DeltaMessage
 
 
 class ChatCompletionResponse(_Envelope):
@@ -203,16 +215,6 @@ class ChatCompletionResponse(_Envelope):
     choices: list[ChatCompletionChoice]
     usage: UsageInfo
     system_fingerprint: str | None = None
-
-
-class DeltaMessage(_Response):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-
-
-class ChatStreamChoice(_Choice):
-    delta: DeltaMessage
-    logprobs: ChatChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(_Envelope):

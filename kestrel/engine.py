@@ -7,7 +7,8 @@ checks); the worker side owns the device (model, KV pool, slot table, attention,
 reached only through an executor, with a `StepBatch` of plain data. The same `Engine` runs
 in-process under the offline `LLM` API and in the server's engine process. It works on token ids
 only: tokenizing, detokenizing and stop strings belong to the frontend, which calls
-`abort_request` when it finds a stop string.
+`abort_request` when it finds a stop string. After each step, `last_step` (a `StepInfo`) says
+what it ran: batch size, prompt and generated tokens, queue times, prefix-cache lookups.
 """
 
 from __future__ import annotations

@@ -1,6 +1,10 @@
 """The engine: requests in, one step at a time, token deltas out.
 
-    step() = schedule -> build the step batch -> execute on the worker(s) -> update requests -> emit
+    step() = schedule -> build the step batch -> commit -> execute on the worker(s) -> update requests -> emit
+
+With async scheduling (default on CUDA) a step submits its batch and then applies the previous
+step's result, so the host builds step N+1 while the device runs step N; tokens still in flight
+enter the next batch as placeholders the worker fills in on the device.
 
 The engine side owns requests and their bookkeeping (scheduler, KV manager, stop rules, prompt
 checks); the worker side owns the device (model, KV pool, slot table, attention, sampler) and is
@@ -23,9 +27,10 @@ from kestrel.models.loader import load_model_config
 from kestrel.outputs import EMPTY_STEP, EngineOutput, StepInfo
 from kestrel.request import Request
 from kestrel.sampling_params import SamplingParams
-from kestrel.scheduler import Scheduler, build_step_batch
+from kestrel.scheduler import Scheduler, SchedulerOutput, build_step_batch
+from kestrel.step_batch import StepBatch
 from kestrel.stop_rules import StopRules
-from kestrel.worker.executor import create_executor
+from kestrel.worker.executor import PendingResult, create_executor
 
 
 class Engine:
@@ -42,6 +47,10 @@ class Engine:
         self.kv_manager = KVCacheManager(info.num_kv_slots, config.max_num_seqs, self.max_model_len)
         self.scheduler = Scheduler(self.kv_manager, self.stop_rules, config.max_num_seqs,
                                    config.max_num_batched_tokens)
+        self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
+                                 else info.device.startswith("cuda"))
+        self._inflight: tuple[SchedulerOutput, PendingResult] | None = None
+        """The submitted step whose result is not applied yet (async scheduling)."""
         self._num_arrivals = 0
         self._arrival_times: dict[str, float] = {}
         """Requests not scheduled yet -> when they were added (time.monotonic())."""
@@ -61,7 +70,7 @@ class Engine:
         self._arrival_times.pop(request_id, None)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished
+        return self.scheduler.has_unfinished or self._inflight is not None
 
     @property
     def num_unfinished_requests(self) -> int:
@@ -83,17 +92,36 @@ class Engine:
 
     # ---- the step ------------------------------------------------------------
     def step(self) -> list[EngineOutput]:
+        self.last_step = EMPTY_STEP
+        if not self.async_scheduling:
+            sched = self.scheduler.schedule()
+            if sched.is_empty:
+                return []
+            batch = self._commit(sched)
+            return self.scheduler.update(sched, self.executor.execute(batch))
+        outputs = []
+        if self._inflight is not None and self.scheduler.needs_token_history():
+            outputs += self._apply_inflight()  # penalties read every token: this step waits for the last
         sched = self.scheduler.schedule()
-        if sched.is_empty:
-            self.last_step = EMPTY_STEP
-            return []
+        pending = None if sched.is_empty else self.executor.submit(self._commit(sched))
+        if self._inflight is not None:
+            outputs += self._apply_inflight()
+        self._inflight = None if pending is None else (sched, pending)
+        return outputs
+
+    def _commit(self, sched: SchedulerOutput) -> StepBatch:
         self.last_step = self._step_info(sched)
         batch = build_step_batch(sched, self.kv_manager, self.stop_rules, self.scheduler.take_finished_ids())
-        result = self.executor.execute(batch)
-        return self.scheduler.update(sched, result)
+        self.scheduler.commit(sched)
+        return batch
 
-    def _step_info(self, sched) -> StepInfo:
-        """Figures of a scheduled step, read before `update` advances its requests."""
+    def _apply_inflight(self) -> list[EngineOutput]:
+        sched, pending = self._inflight
+        self._inflight = None
+        return self.scheduler.update(sched, pending.result())
+
+    def _step_info(self, sched: SchedulerOutput) -> StepInfo:
+        """Figures of a scheduled step, read before `commit` advances its requests."""
         now = time.monotonic()
         num_decodes, queue_times, queried, hits = 0, [], 0, 0
         for req, _ in sched.scheduled:

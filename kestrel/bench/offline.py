@@ -15,12 +15,11 @@ The Hugging Face baseline (`kestrel.bench.hf_baseline`) fills the same
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
@@ -107,9 +106,6 @@ class OfflineResult:
     all_elapsed_s: list[float]
     """Elapsed time of every timed run (the figures above are the fastest one's)."""
     machine: dict
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
 
 
 def run_offline(config: EngineConfig, spec: OfflineSpec, engine: Engine | None = None) -> OfflineResult:

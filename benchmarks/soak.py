@@ -136,18 +136,18 @@ class _RssSampler(threading.Thread):
         super().__init__(daemon=True)
         self.pids, self.interval_s = pids, interval_s
         self.samples: list[dict] = []
-        self._stop = threading.Event()
+        self._done = threading.Event()
         self._start = time.monotonic()
 
     def run(self) -> None:
         while True:
             self.samples.append({"t_s": time.monotonic() - self._start,
                                  **{name: _rss_mb(pid) for name, pid in self.pids.items()}})
-            if self._stop.wait(self.interval_s):
+            if self._done.wait(self.interval_s):
                 return
 
     def stop(self) -> None:
-        self._stop.set()
+        self._done.set()
         self.join()
         self.samples.append({"t_s": time.monotonic() - self._start,
                              **{name: _rss_mb(pid) for name, pid in self.pids.items()}})

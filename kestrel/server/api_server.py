@@ -84,16 +84,15 @@ def build_app(config: ServerConfig, client: EngineClient, request_exit: Callable
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
-        await client.start()
-        loader = asyncio.create_task(_load_tokenizer(state))
         tasks: set[asyncio.Task] = set()
 
         def on_drain(timeout_s: float) -> None:
             if not state.draining:
-                task = asyncio.create_task(drain(state, timeout_s, request_exit))
-                tasks.add(task)
+                tasks.add(asyncio.create_task(drain(state, timeout_s, request_exit)))
 
-        client.on_drain = on_drain
+        client.on_drain = on_drain  # before the reader starts: a Drain may be the first message
+        await client.start()
+        loader = asyncio.create_task(_load_tokenizer(state))
         try:
             yield
         finally:
@@ -101,7 +100,8 @@ def build_app(config: ServerConfig, client: EngineClient, request_exit: Callable
             state.executor.shutdown(wait=False, cancel_futures=True)
             await client.close()
 
-    app = FastAPI(title="Kestrel", version=__version__, lifespan=lifespan,
+    # No /docs or /redoc: their pages load scripts from a CDN; /openapi.json serves clients and fuzzers.
+    app = FastAPI(title="Kestrel", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="OpenAI-compatible LLM server. /health, /metrics, /dashboard and /version are "
                               "open; with an API key, every other route needs `Authorization: Bearer <key>`.")
     app.state.kestrel = state

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from kestrel.config import EngineConfig, ModelConfig
 from kestrel.kvcache.manager import KVCacheManager
+from kestrel.kvcache.prefix_cache import NoPrefixCache
+from kestrel.kvcache.radix_cache import RadixCache
 from kestrel.limits import PromptLimits
 from kestrel.model_files import resolve_model_path
 from kestrel.models.loader import load_model_config
@@ -36,9 +38,10 @@ class Engine:
         self.dtype = info.dtype
         self.limits = PromptLimits(self.max_model_len, self.model_config.vocab_size)
         self.stop_rules = StopRules(self.model_config.eos_token_ids, self.max_model_len)
-        self.kv_manager = KVCacheManager(info.num_kv_slots, config.max_num_seqs, self.max_model_len)
+        self.kv_manager = KVCacheManager(info.num_kv_slots, config.max_num_seqs, self.max_model_len,
+                                         RadixCache if config.enable_prefix_caching else NoPrefixCache)
         self.scheduler = Scheduler(self.kv_manager, self.stop_rules, config.max_num_seqs,
-                                   config.max_num_batched_tokens)
+                                   config.max_num_batched_tokens, config.schedule_policy)
         self._num_arrivals = 0
 
     # ---- requests ------------------------------------------------------------

@@ -5,7 +5,8 @@ The one invariant the scheduler builds on: a request has `num_tokens`
 the cache). Each step the scheduler lets `num_computed_tokens` catch up by some
 amount; when it reaches `num_tokens` the model's output at the last position is
 sampled and appended, and `num_tokens` grows by one. Prefill, chunked prefill,
-decode and recompute after preemption are all this one rule. No torch here.
+decode, prefix-cache hits (admission starts `num_computed_tokens` at the hit) and
+recompute after preemption are all this one rule. No torch here.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ class Request:
     stop_token_id: int | None = None
     """The EOS / stop token id that finished the request, if any."""
     num_preemptions: int = 0
+    num_cached_tokens: int | None = None
+    """Prompt tokens whose KV came from the prefix cache when the request was first admitted."""
     logprobs: list = field(default_factory=list)
     """Per generated token: the sampler's logprob record (only when params.logprobs is set)."""
 

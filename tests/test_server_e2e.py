@@ -153,7 +153,8 @@ def _wait_engine_idle(server: Server, timeout: float = 60.0) -> dict:
     while True:
         state = _engine_state(server)
         e = state["engine"]
-        if e["num_free_slots"] == e["num_slots"] and e["num_unfinished_requests"] == 0 or time.monotonic() > deadline:
+        is_idle = e["num_free_slots"] + e["num_cached_slots"] == e["num_slots"] and e["num_unfinished_requests"] == 0
+        if is_idle or time.monotonic() > deadline:
             return state
         time.sleep(0.2)
 
@@ -403,7 +404,7 @@ def test_client_disconnect_aborts_request(server, stream):
             httpx.post(server.url + "/v1/completions", json=body, timeout=3)
     state = _wait_engine_idle(server)
     e = state["engine"]
-    assert e["num_free_slots"] == e["num_slots"] and e["num_unfinished_requests"] == 0
+    assert e["num_free_slots"] + e["num_cached_slots"] == e["num_slots"] and e["num_unfinished_requests"] == 0
     assert e["integrity_ok"], e["integrity_error"]
     assert state["api"]["num_in_flight_requests"] == 0
 

@@ -71,6 +71,10 @@ class Engine:
         result = self.executor.execute(batch)
         return self.scheduler.update(sched, result)
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix (vLLM's name); False, doing nothing, while requests run."""
+        return not self.has_unfinished_requests() and self.kv_manager.reset_prefix_cache()
+
     def check_integrity(self) -> None:
         """Assert KV bookkeeping is consistent (free + cached + in use == total)."""
         self.kv_manager.check_integrity()

@@ -166,6 +166,13 @@ class KVCacheManager:
         held.slots[:n] = new_slots
         held.prefix = hit
 
+    def reset_prefix_cache(self) -> bool:
+        """Drop every cached prefix; only when no request holds slots (returns whether it did)."""
+        if self._held:
+            return False
+        self.prefix_cache.evict(self.prefix_cache.num_cached_slots)
+        return True
+
     def take_table_writes(self) -> TableWrites:
         """Every table entry assigned since the last call, flattened, in order."""
         rows: list[int] = []

@@ -87,7 +87,7 @@ class RunTiming:
     elapsed_s: float
     num_output_tokens: int
     ttft_s: list[float] = field(default_factory=list)
-    """Per request: from the start of the run to its first token."""
+    """Per request: from the start of the run (multi-turn: of its turn) to its first token."""
     decode_step_s: list[float] = field(default_factory=list)
     """Duration of each pure-decode step (every running sequence got one token, none its first)."""
     decode_step_batch: list[int] = field(default_factory=list)
@@ -370,6 +370,7 @@ def _time_multi_turn(engine: Engine, w: MultiTurn, new_tokens: list[list[list[in
             conv, turn = (int(part[1:]) for part in out.request_id.rsplit("-", 2)[1:])
             if not answer[conv]:
                 timing.ttft_by_turn_s[turn].append(now - submitted[conv])
+                timing.ttft_s.append(now - submitted[conv])
                 is_pure_decode = False
             answer[conv] += out.new_token_ids
             timing.num_output_tokens += len(out.new_token_ids)

@@ -139,3 +139,19 @@ def test_smollm2_shared_system_prompt_and_multi_turn(smollm_llm):
     assert llm.reset_prefix_cache()
     fresh = llm.chat(conv, params, use_tqdm=False)[0]
     assert fresh.num_cached_tokens == 0 and fresh.outputs[0].token_ids == follow_up.outputs[0].token_ids
+
+
+@pytest.mark.parametrize("argv,enabled,policy", [([], True, "fcfs"), (["--disable-radix-cache"], False, "fcfs"),
+                                                 (["--no-enable-prefix-caching", "--schedule-policy", "lpm"],
+                                                  False, "lpm")])
+def test_flags(argv, enabled, policy):
+    import argparse
+
+    from kestrel.engine_args import add_engine_args, engine_config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    config = engine_config_from_args(parser.parse_args(argv))
+    assert (config.enable_prefix_caching, config.schedule_policy) == (enabled, policy)
+    with pytest.raises(ValueError, match="schedule_policy"):
+        EngineConfig(schedule_policy="sjf")

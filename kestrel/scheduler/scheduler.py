@@ -163,13 +163,15 @@ class Scheduler:
         if not self.waiting or budget <= 0 or len(self.running) >= self.max_num_seqs:
             return
         admitted: list[Request] = []
+        num_waiting_for_shared = 0
         order = waiting_order(self.waiting, self.schedule_policy, self.max_num_seqs - len(self.running),
                               lambda r: self.kv_manager.match(_cacheable(r)).num_tokens)
         for req in order:
-            if budget <= 0 or len(self.running) >= self.max_num_seqs:
+            if budget <= 0 or len(self.running) >= self.max_num_seqs or num_waiting_for_shared >= self.max_num_seqs:
                 break
             hit = self.kv_manager.match(_cacheable(req))
             if self._waits_for_shared_prefix(req, hit.num_tokens, out):
+                num_waiting_for_shared += 1  # bounded: a long queue of one prompt is not scanned every step
                 continue
             n = min(req.num_tokens - hit.num_tokens, budget)
             if not self.kv_manager.allocate(req.request_id, n, hit):

@@ -208,5 +208,5 @@ class RadixMachine(RuleBasedStateMachine):
 
 
 TestRadixProperties = RadixMachine.TestCase
-TestRadixProperties.settings = settings(max_examples=150, stateful_step_count=40, deadline=None,
+TestRadixProperties.settings = settings(max_examples=100, stateful_step_count=40, deadline=None,
                                         suppress_health_check=[HealthCheck.too_slow])

@@ -57,7 +57,8 @@ def main() -> int:
     startup_s = time.perf_counter() - t0
     rows = [("startup_to_first_token_s", startup_s, f"engine init {init_s:.1f} s")]
     results: dict = {"startup_to_first_token_s": startup_s, "engine_init_s": init_s,
-                     "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none", "num_kv_slots": engine.executor.info.num_kv_slots}
+                     "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
+                     "num_kv_slots": engine.executor.info.num_kv_slots}
     for name, (n, inp, outp, figure) in WORKLOADS.items():
         if args.only and name not in args.only:
             continue

@@ -32,6 +32,9 @@ def add_parser(subparsers) -> None:
     serve.add_argument("--api-key", default=os.environ.get("KESTREL_API_KEY"),
                        help="require 'Authorization: Bearer <key>' (default: $KESTREL_API_KEY)")
     serve.add_argument("--disable-uvicorn-access-log", action="store_true", help="no log line per HTTP request")
+    serve.add_argument("--truncate-chat-history", action="store_true",
+                       help="drop the oldest turns (after the system message) of a chat longer than the context "
+                            "instead of answering 400; the response header X-Kestrel-Dropped-Messages counts them")
     serve.set_defaults(func=_serve)
 
     client = subparsers.add_parser("client", help="send one prompt to a running server and stream the answer")
@@ -58,7 +61,8 @@ def _serve(args: argparse.Namespace) -> int:
         host=args.host, port=args.port,
         served_model_names=tuple(args.served_model_name or [config.model or _BUNDLED_NAME]),
         tokenizer_path=tokenizer_path(config), api_key=args.api_key,
-        log_level=getattr(args, "log_level", "INFO"), access_log=not args.disable_uvicorn_access_log)
+        log_level=getattr(args, "log_level", "INFO"), access_log=not args.disable_uvicorn_access_log,
+        truncate_chat_history=args.truncate_chat_history)
     return serve(config, server_config)
 
 

@@ -162,7 +162,8 @@ def wait_engine_idle(url: str, timeout: float = 60.0, headers: dict | None = Non
     while True:
         state = engine_state(url, headers)
         e = state["engine"]
-        if e["num_free_slots"] == e["num_slots"] and e["num_unfinished_requests"] == 0 or time.monotonic() > deadline:
+        is_idle = e["num_free_slots"] + e["num_cached_slots"] == e["num_slots"] and e["num_unfinished_requests"] == 0
+        if is_idle or time.monotonic() > deadline:
             return state
         time.sleep(0.2)
 

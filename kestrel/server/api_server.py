@@ -1,7 +1,8 @@
 """The API process: a FastAPI app on uvicorn (uvloop) in front of the engine and detokenizer.
 
 Routes: POST /v1/chat/completions, POST /v1/completions, POST /generate, GET /v1/models,
-GET /v1/stats, GET /debug/state (KV slots free/total, last integrity check, requests in flight),
+GET /v1/stats, GET /debug/state (KV slots free/cached/total, prefix-cache hit rate, last integrity
+check, requests in flight),
 and, open to all: GET /health (200 only when it can serve: 503 while loading, restarting, draining,
 after a process died, or when the engine is stalled), GET /metrics, GET /dashboard, GET /version,
 GET /openapi.json (every route's body and errors, `openapi.py`). With `api_key` set, the other
@@ -223,7 +224,11 @@ def _protected_routes(state: ServerState) -> APIRouter:
             raise APIError(f"the engine did not answer: {e}", 503) from None
         return {"engine": {"num_free_slots": stats.num_free_slots, "num_slots": stats.num_slots,
                            "num_unfinished_requests": stats.num_unfinished_requests,
-                           "integrity_ok": stats.integrity_ok, "integrity_error": stats.integrity_error},
+                           "integrity_ok": stats.integrity_ok, "integrity_error": stats.integrity_error,
+                           "num_cached_slots": stats.num_cached_slots,
+                           "num_prefix_queried_tokens": stats.num_prefix_queried_tokens,
+                           "num_prefix_hit_tokens": stats.num_prefix_hit_tokens,
+                           "prefix_cache_hit_rate": stats.prefix_cache_hit_rate},
                 "api": {"num_in_flight_requests": state.client.num_in_flight,
                         "torch_imported": "torch" in sys.modules}}
 

@@ -34,6 +34,9 @@ def add_parser(subparsers) -> None:
                        help="require 'Authorization: Bearer <key>' (default: $KESTREL_API_KEY)")
     serve.add_argument("--disable-uvicorn-access-log", action="store_true", help="no log line per HTTP request")
     _add_reliability_args(serve)
+    serve.add_argument("--truncate-chat-history", action="store_true",
+                       help="drop the oldest turns (after the system message) of a chat longer than the context "
+                            "instead of answering 400; the response header X-Kestrel-Dropped-Messages counts them")
     serve.set_defaults(func=_serve)
 
     client = subparsers.add_parser("client", help="send one prompt to a running server and stream the answer")
@@ -88,7 +91,7 @@ def _serve(args: argparse.Namespace) -> int:
         stall_timeout_s=args.stall_timeout, restart_engine=args.restart_engine,
         shutdown_timeout_s=args.shutdown_timeout, max_queued_requests=args.max_queued_requests,
         request_timeout_s=args.request_timeout, max_request_body_mb=args.max_request_body_mb,
-        allowed_origins=tuple(args.allowed_origins))
+        allowed_origins=tuple(args.allowed_origins), truncate_chat_history=args.truncate_chat_history)
     return serve(config, server_config)
 
 

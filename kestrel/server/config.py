@@ -44,6 +44,9 @@ class ServerConfig:
     log_level: str = "info"
     access_log: bool = True
     """Log one line per HTTP request (uvicorn's access log)."""
+    truncate_chat_history: bool = False
+    """A chat longer than the context loses its oldest turns after the system message (else: a 400);
+    a request's `truncate_chat_history` overrides it."""
     log_requests: bool = False
     """Log each request's prompt and parameters; without it, no prompt text reaches the log."""
     log_stats_interval_s: float = 10.0

@@ -3,8 +3,12 @@
 Each handler: parse and check the request -> tokenize (chat template for chat), off the event
 loop -> validated SamplingParams -> submit n engine requests per prompt -> collect them into one
 response, or stream them as server-sent events (`data: {...}` chunks, `data: [DONE]` last, a usage
-chunk when `stream_options.include_usage`). A chat template's error reaches the client only when
-the template raised it on purpose (`raise_exception`); anything else is a generic 400. No torch here.
+chunk when `stream_options.include_usage`). Usage reports `prompt_tokens_details.cached_tokens`: the
+prompt tokens the prefix cache supplied. A chat longer than the context is a 400 naming both
+lengths, or, with `--truncate-chat-history` (or the request's `truncate_chat_history`), loses its
+oldest turns after the system message (header `X-Kestrel-Dropped-Messages`). A chat template's error
+reaches the client only when the template raised it on purpose (`raise_exception`); anything else is
+a generic 400. No torch here.
 """
 
 from __future__ import annotations
@@ -21,12 +25,13 @@ from jinja2 import TemplateError
 from kestrel.messages import PositionLogprobs
 from kestrel.server.client import RequestGroup
 from kestrel.server.errors import APIError
+from kestrel.messages import TextDelta
 from kestrel.server.protocol import (ChatChoiceLogprobs, ChatCompletionChoice, ChatCompletionChunk,
                                      ChatCompletionRequest, ChatCompletionResponse, ChatResponseMessage,
                                      ChatStreamChoice, ChatTokenLogprob, ChatTopLogprob, CompletionChoice,
                                      CompletionLogprobs, CompletionRequest, CompletionResponse, DeltaMessage,
-                                     UsageInfo, SamplingRequest)
-from kestrel.server.serving import (ClientGone, ServerState, SSEResponse, arrival_time, check_token_ids,
+                                     PromptTokensDetails, SamplingRequest, UsageInfo)
+from kestrel.server.serving import (Choice, ClientGone, ServerState, SSEResponse, arrival_time, check_token_ids,
                                     client_gone_response, collect, encode_text, make_sampling_params, parse_body,
                                     sse, submit, until_disconnect)
 
@@ -43,9 +48,10 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
         raise APIError("'messages' must not be empty: give at least one message", param="messages")
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError("'top_logprobs' needs 'logprobs' set to true", param="top_logprobs")
-    prompt_ids = await state.run_blocking(_render_chat, state, req)
     uses_completion_name = req.max_completion_tokens is not None
     max_tokens = req.max_completion_tokens if uses_completion_name else req.max_tokens
+    prompt_ids, num_dropped = await state.run_blocking(_render_chat, state, req, max_tokens)
+    headers = {"X-Kestrel-Dropped-Messages": str(num_dropped)} if num_dropped else {}
     renames = {"logprobs": "top_logprobs"}
     if uses_completion_name:
         renames["max_tokens"] = "max_completion_tokens"
@@ -58,7 +64,7 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
     if req.stream:
         opts = req.stream_options
         return SSEResponse(_chat_stream(state, request_id, group, usage, bool(opts and opts.include_usage),
-                                        bool(opts and opts.continuous_usage_stats)), group)
+                                        bool(opts and opts.continuous_usage_stats)), group, headers)
     try:
         choices = await until_disconnect(request, collect(group, params.n))
     except ClientGone:
@@ -68,9 +74,9 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
                                 finish_reason=c.finish_reason,
                                 stop_reason=c.stop_reason)
            for i, c in enumerate(choices)]
-    usage.completion_tokens = sum(len(c.token_ids) for c in choices)
+    usage.add_choices(choices)
     return _json(ChatCompletionResponse(id=request_id, model=state.config.model_name, choices=out,
-                                        usage=usage.info()))
+                                        usage=usage.info()), headers)
 
 
 async def create_completion(state: ServerState, request: Request) -> Response:
@@ -87,7 +93,7 @@ async def create_completion(state: ServerState, request: Request) -> Response:
                                   {}, "prompt", logprobs=req.logprobs, **_sampling_kwargs(req))
     request_id = f"cmpl-{uuid.uuid4().hex}"
     group = await submit(state, request_id, prompts, params, arrival_time(request))
-    usage = _Usage(sum(len(p) for p in prompts), len(prompts) * params.n)
+    usage = _Usage(sum(len(p) for p in prompts), params.n)
     echo = [texts[i // params.n] if req.echo else "" for i in range(len(prompts) * params.n)]
     if req.stream:
         opts = req.stream_options
@@ -102,7 +108,7 @@ async def create_completion(state: ServerState, request: Request) -> Response:
                             logprobs=_completion_logprobs(c.logprobs, 0) if req.logprobs is not None else None,
                             finish_reason=c.finish_reason, stop_reason=c.stop_reason)
            for i, c in enumerate(choices)]
-    usage.completion_tokens = sum(len(c.token_ids) for c in choices)
+    usage.add_choices(choices)
     return _json(CompletionResponse(id=request_id, model=state.config.model_name, choices=out,
                                     usage=usage.info()))
 
@@ -128,7 +134,9 @@ def _sampling_kwargs(req: SamplingRequest) -> dict:
     return {k: v for k, v in given.items() if v is not None}
 
 
-def _render_chat(state: ServerState, req: ChatCompletionRequest) -> list[int]:
+def _render_chat(state: ServerState, req: ChatCompletionRequest, max_tokens: int | None) -> tuple[list[int], int]:
+    """(prompt token ids, messages dropped to fit the context: only with --truncate-chat-history)."""
+    from kestrel.frontend.chat_history import fit_conversation
     from kestrel.frontend.tokenizer import apply_chat_template  # imports transformers: keep it lazy
 
     messages = [m.as_template_dict() for m in req.messages]
@@ -137,15 +145,23 @@ def _render_chat(state: ServerState, req: ChatCompletionRequest) -> list[int]:
         kwargs["tools"] = req.tools
     if not getattr(state.tokenizer, "chat_template", None):
         raise APIError("this model has no chat template: use /v1/completions with a plain prompt", param="messages")
-    try:
-        return apply_chat_template(state.tokenizer, messages, req.add_generation_prompt is not False, **kwargs)
-    except Exception as e:  # the messages (or chat_template_kwargs) are the request's: a 400
-        logger.debug("chat template failed", exc_info=True)
-        # raise_exception() in a template raises a plain TemplateError whose text is meant for users;
-        # any other error would show Python or Jinja internals.
-        detail = str(e) if type(e) is TemplateError else ("check the roles, their order and the content "
-                                                          "of each message")
-        raise APIError(f"the chat template cannot render these 'messages': {detail}", param="messages") from None
+
+    def render(msgs: list[dict]) -> list[int]:
+        try:
+            return apply_chat_template(state.tokenizer, msgs, req.add_generation_prompt is not False, **kwargs)
+        except Exception as e:  # the messages (or chat_template_kwargs) are the request's: a 400
+            logger.debug("chat template failed", exc_info=True)
+            # raise_exception() in a template raises a plain TemplateError whose text is meant for users;
+            # any other error would show Python or Jinja internals.
+            detail = str(e) if type(e) is TemplateError else ("check the roles, their order and the content "
+                                                              "of each message")
+            raise APIError(f"the chat template cannot render these 'messages': {detail}", param="messages") from None
+
+    truncate = req.truncate_chat_history
+    if not (state.config.truncate_chat_history if truncate is None else truncate):
+        return render(messages), 0
+    limit = state.max_model_len
+    return fit_conversation(messages, render, lambda n: n < limit and (max_tokens is None or n + max_tokens <= limit))
 
 
 def _encode_prompts(state: ServerState, prompt) -> tuple[list[str], list[list[int]]]:
@@ -164,16 +180,35 @@ def _encode_prompts(state: ServerState, prompt) -> tuple[list[str], list[list[in
 
 # ---- streaming ------------------------------------------------------------------------
 class _Usage:
-    """Token counts of one call, updated as deltas arrive."""
+    """Token counts of one call, updated as deltas arrive.
 
-    def __init__(self, prompt_tokens: int, num_choices: int) -> None:
+    Cached tokens count once per prompt, like its prompt tokens: the fewest of its n completions
+    (the first one computes what the others then find cached).
+    """
+
+    def __init__(self, prompt_tokens: int, n: int) -> None:
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = 0
-        self.num_choices = num_choices
+        self.n = n
+        self._cached: dict[int, int] = {}
+        """choice index -> its cached prompt tokens."""
+
+    def add(self, index: int, delta: TextDelta) -> None:
+        self.completion_tokens += len(delta.token_ids)
+        self._cached[index] = delta.num_cached_tokens
+
+    def add_choices(self, choices: list[Choice]) -> None:
+        self.completion_tokens = sum(len(c.token_ids) for c in choices)
+        self._cached = {i: c.num_cached_tokens for i, c in enumerate(choices)}
 
     def info(self) -> UsageInfo:
+        per_prompt: dict[int, int] = {}
+        for index, cached in self._cached.items():
+            prompt = index // self.n
+            per_prompt[prompt] = min(per_prompt.get(prompt, cached), cached)
         return UsageInfo(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
-                         total_tokens=self.prompt_tokens + self.completion_tokens)
+                         total_tokens=self.prompt_tokens + self.completion_tokens,
+                         prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(per_prompt.values())))
 
 
 async def _chat_stream(state: ServerState, request_id: str, group: RequestGroup, usage: _Usage,
@@ -181,7 +216,7 @@ async def _chat_stream(state: ServerState, request_id: str, group: RequestGroup,
     model, created = state.config.model_name, int(time.time())
     started: set[int] = set()
     async for index, delta in group:
-        usage.completion_tokens += len(delta.token_ids)
+        usage.add(index, delta)
         running = usage.info() if continuous_usage else None
         if index not in started:
             started.add(index)
@@ -207,7 +242,7 @@ async def _completion_stream(state: ServerState, request_id: str, group: Request
     model, created = state.config.model_name, int(time.time())
     offsets = [len(e) for e in echo]
     async for index, delta in group:
-        usage.completion_tokens += len(delta.token_ids)
+        usage.add(index, delta)
         text = delta.text
         if echo[index]:
             text, echo[index] = echo[index] + text, ""
@@ -250,5 +285,5 @@ def _completion_logprobs(positions: list[PositionLogprobs], offset: int) -> Comp
     return out
 
 
-def _json(model) -> Response:
-    return Response(model.model_dump_json(), media_type="application/json")
+def _json(model, headers: dict[str, str] | None = None) -> Response:
+    return Response(model.model_dump_json(), media_type="application/json", headers=headers)

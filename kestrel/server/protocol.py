@@ -100,6 +100,9 @@ class ChatCompletionRequest(SamplingRequest):
     tool_choice: str | dict | None = None
     add_generation_prompt: bool | None = True
     chat_template_kwargs: dict | None = None
+    truncate_chat_history: bool | None = None
+    """Kestrel extension: drop the oldest turns (after the system message) of a chat longer than the
+    context instead of failing; None means the server's --truncate-chat-history."""
 
 
 PromptInput = Union[str, list[str], list[int], list[list[int]]]
@@ -167,10 +170,16 @@ class _Envelope(_Response):
     model: str
 
 
+class PromptTokensDetails(_Response):
+    cached_tokens: int = 0
+    """Prompt tokens whose KV came from the prefix cache instead of being computed."""
+
+
 class UsageInfo(_Response):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class ChatTopLogprob(_Response):

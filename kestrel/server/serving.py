@@ -214,8 +214,11 @@ class Choice:
     logprobs: list[PositionLogprobs] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    num_cached_tokens: int = 0
+    """Prompt tokens whose KV came from the prefix cache."""
 
     def add(self, delta: TextDelta) -> None:
+        self.num_cached_tokens = delta.num_cached_tokens
         if delta.text:
             self.text_parts.append(delta.text)
         self.token_ids.extend(delta.token_ids)

@@ -12,6 +12,8 @@ only: tokenizing, detokenizing and stop strings belong to the frontend, which ca
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from kestrel.config import EngineConfig, ModelConfig
 from kestrel.kvcache.manager import KVCacheManager
 from kestrel.limits import PromptLimits
@@ -22,11 +24,13 @@ from kestrel.request import Request
 from kestrel.sampling_params import SamplingParams
 from kestrel.scheduler import Scheduler, build_step_batch
 from kestrel.stop_rules import StopRules
+from kestrel.structured import StructuredOutputManager
 from kestrel.worker.executor import create_executor
 
 
 class Engine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, tokenizer: Callable[[], object] | None = None) -> None:
+        """`tokenizer` returns the model's tokenizer, which structured outputs need (called when first needed)."""
         self.config = config
         self.model_path = resolve_model_path(config.model)
         self.model_config: ModelConfig = load_model_config(self.model_path)
@@ -37,8 +41,11 @@ class Engine:
         self.limits = PromptLimits(self.max_model_len, self.model_config.vocab_size)
         self.stop_rules = StopRules(self.model_config.eos_token_ids, self.max_model_len)
         self.kv_manager = KVCacheManager(info.num_kv_slots, config.max_num_seqs, self.max_model_len)
+        self.structured = StructuredOutputManager(
+            tokenizer or _no_tokenizer, self.model_config.vocab_size,
+            self.model_config.eos_token_ids, config.jump_forward, config.grammar_cache_size)
         self.scheduler = Scheduler(self.kv_manager, self.stop_rules, config.max_num_seqs,
-                                   config.max_num_batched_tokens)
+                                   config.max_num_batched_tokens, self.structured)
         self._num_arrivals = 0
 
     # ---- requests ------------------------------------------------------------
@@ -64,7 +71,8 @@ class Engine:
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
-        batch = build_step_batch(sched, self.kv_manager, self.stop_rules, self.scheduler.take_finished_ids())
+        batch = build_step_batch(sched, self.kv_manager, self.stop_rules, self.scheduler.take_finished_ids(),
+                                 self.structured)
         result = self.executor.execute(batch)
         return self.scheduler.update(sched, result)
 
@@ -75,3 +83,7 @@ class Engine:
     def shutdown(self) -> None:
         """Stop the worker(s); the engine is unusable afterwards."""
         self.executor.shutdown()
+
+
+def _no_tokenizer():
+    raise ValueError("structured outputs need the model's tokenizer: build the Engine with tokenizer=...")

@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from kestrel.kvcache.manager import KVCacheManager
+from kestrel.scheduler.grammar_hook import GrammarHook
 from kestrel.outputs import EngineOutput, logprob_record
 from kestrel.request import FinishReason, Request, RequestStatus
 from kestrel.step_batch import StepResult
-from kestrel.stop_rules import StopRules
+from kestrel.stop_rules import Stop, StopRules
 
 
 class ScheduledRequest(NamedTuple):
@@ -56,8 +57,10 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, kv_manager: KVCacheManager, stop_rules: StopRules, max_num_seqs: int,
-                 max_num_batched_tokens: int) -> None:
+                 max_num_batched_tokens: int, grammar: GrammarHook | None = None) -> None:
         self.kv_manager = kv_manager
+        self.grammar = grammar
+        """Grammar-constrained decoding (structured outputs); None: no request may ask for it."""
         self.stop_rules = stop_rules
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -71,6 +74,10 @@ class Scheduler:
     def add(self, request: Request) -> None:
         if request.request_id in self._requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
+        if request.params.structured_outputs is not None:
+            if self.grammar is None:
+                raise ValueError("structured_outputs is not available in this engine")
+            self.grammar.add(request)
         request.status = RequestStatus.WAITING
         self._requests[request.request_id] = request
         self.waiting.append(request)
@@ -134,14 +141,27 @@ class Scheduler:
                                           req.params.logprobs)
                 req.logprobs.append(logprobs)
             stop = self.stop_rules.check(req.params, token_id, req.num_output_tokens, req.num_tokens)
+            new_token_ids = [token_id]
+            if stop is None and self.grammar is not None and req.params.structured_outputs is not None:
+                stop = self._jump_forward(req, token_id, new_token_ids)
             if stop is not None:
                 req.stop_token_id = stop.stop_token_id
                 self._finish(req, stop.reason)
-            outputs.append(EngineOutput(req.request_id, [token_id], None if logprobs is None else [logprobs],
+            outputs.append(EngineOutput(req.request_id, new_token_ids, None if logprobs is None else [logprobs],
                                         None if stop is None else stop.reason.value, req.stop_token_id))
         return outputs
 
     # ---- helpers -----------------------------------------------------------
+    def _jump_forward(self, req: Request, token_id: int, new_token_ids: list[int]) -> Stop | None:
+        """Advance the request's grammar; append the tokens it forces (computed next step as a chunk)."""
+        room = self.stop_rules.num_tokens_left(req.params, req.num_output_tokens, req.num_tokens)
+        forced = self.grammar.advance(req, token_id, room)
+        if not forced:
+            return None
+        req.token_ids.extend(forced)
+        new_token_ids.extend(forced)
+        return self.stop_rules.check(req.params, forced[-1], req.num_output_tokens, req.num_tokens)
+
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
@@ -176,11 +196,15 @@ class Scheduler:
             except ValueError:
                 pass
         self._release_kv(req)
+        if self.grammar is not None:
+            self.grammar.release(req.request_id)
         del self._requests[req.request_id]
         self._finished_ids.append(req.request_id)
 
     def _preempt(self, req: Request) -> None:
         self._release_kv(req)
+        if self.grammar is not None:
+            self.grammar.release(req.request_id)  # rebuilt by replaying the output when it runs again
         req.num_computed_tokens = 0
         req.status = RequestStatus.WAITING
         req.num_preemptions += 1

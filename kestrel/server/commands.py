@@ -31,6 +31,8 @@ def add_parser(subparsers) -> None:
                        help="model name(s) requests may use (default: the MODEL argument)")
     serve.add_argument("--api-key", default=os.environ.get("KESTREL_API_KEY"),
                        help="require 'Authorization: Bearer <key>' (default: $KESTREL_API_KEY)")
+    serve.add_argument("--tool-call-parser", default="auto", choices=("auto", "hermes", "llama3_json", "mistral"),
+                       help="format of tool calls in the output (default: read from the chat template)")
     serve.add_argument("--disable-uvicorn-access-log", action="store_true", help="no log line per HTTP request")
     serve.set_defaults(func=_serve)
 
@@ -58,7 +60,8 @@ def _serve(args: argparse.Namespace) -> int:
         host=args.host, port=args.port,
         served_model_names=tuple(args.served_model_name or [config.model or _BUNDLED_NAME]),
         tokenizer_path=tokenizer_path(config), api_key=args.api_key,
-        log_level=getattr(args, "log_level", "INFO"), access_log=not args.disable_uvicorn_access_log)
+        log_level=getattr(args, "log_level", "INFO"), access_log=not args.disable_uvicorn_access_log,
+        tool_call_parser=args.tool_call_parser)
     return serve(config, server_config)
 
 

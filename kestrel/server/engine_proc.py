@@ -48,8 +48,10 @@ def run_engine_process(config: EngineConfig, addrs: IpcAddresses, ready, log_lev
     outbox.connect(addrs.detokenizer_inbox)
     try:
         from kestrel.engine import Engine  # torch is imported here, in this process only
+        from kestrel.frontend.tokenizer import load_tokenizer
 
-        engine = Engine(replace(config, show_progress=False))
+        engine = Engine(replace(config, show_progress=False),
+                        tokenizer=lambda: load_tokenizer(config.tokenizer or engine.model_path))
     except Exception:
         logger.exception("could not load the model")
         sys.exit(1)
@@ -58,6 +60,7 @@ def run_engine_process(config: EngineConfig, addrs: IpcAddresses, ready, log_lev
                                    engine.kv_manager.num_slots, list(mc.eos_token_ids))))
     ready.send(True)
     ready.close()
+    engine.structured.preload()  # the tokenizer for grammars, while the first requests run
     logger.info("engine ready: %s, max_model_len %d, %d KV slots", engine.model_path,
                 engine.max_model_len, engine.kv_manager.num_slots)
     EngineLoop(engine, inbox, outbox).run()
@@ -141,7 +144,7 @@ class EngineLoop:
         try:
             self.engine.add_request(message.request_id, message.prompt_token_ids, message.params)
         except ValueError as e:
-            self._pending.failed.append(RequestFailed(message.request_id, str(e)))
+            self._pending.failed.append(RequestFailed(message.request_id, str(e), param=getattr(e, "param", None)))
             return
         except Exception as e:
             logger.exception("could not add request %s", message.request_id)

@@ -3,8 +3,8 @@
 A processor does its host work once per step in `prepare(rows, device)` (None when no row needs
 it, so it costs nothing) and changes the float32 logits [num_rows, vocab] in place in `apply_`.
 The sampler runs them in order after the raw logprobs are taken and before greedy / random
-sampling. Built in: blocked ids (EOS and stop ids before min_tokens), then repetition / frequency /
-presence penalties. Grammar-constrained decoding plugs in here too (a bitmask per row).
+sampling. Built in: grammar bitmasks (structured outputs: each constrained row's allowed ids, packed),
+blocked ids (EOS and stop ids before min_tokens), then repetition / frequency / presence penalties.
 """
 
 from __future__ import annotations
@@ -27,6 +27,35 @@ class LogitsProcessor(Protocol):
     def apply_(self, logits: torch.Tensor, prepared: object, knobs: Knobs) -> None:
         """Change `logits` [num_rows, vocab] (float32) in place."""
         ...
+
+
+class GrammarBitmask:
+    """Sets the ids a row's grammar does not allow to -inf (rows without a bitmask are left alone).
+
+    The engine packs each constrained row's allowed ids as int32 words (bit i % 32 of word i // 32 is
+    token i); here they are unpacked on the device with shifts, so no grammar library is needed.
+    """
+
+    def prepare(self, rows: Sequence[SamplingRow], device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        constrained = [i for i, row in enumerate(rows) if row.token_bitmask is not None]
+        if not constrained:
+            return None
+        words = np.frombuffer(b"".join(rows[i].token_bitmask for i in constrained), dtype="<i4")
+        packed = torch.from_numpy(words.reshape(len(constrained), -1).copy())  # [C, num_words]
+        index = torch.tensor(constrained, dtype=torch.int64)  # [C]
+        return index.to(device, non_blocking=True), packed.to(device, non_blocking=True)
+
+    def apply_(self, logits: torch.Tensor, prepared: tuple[torch.Tensor, torch.Tensor], knobs: Knobs) -> None:
+        index, packed = prepared
+        vocab = logits.shape[1]
+        shifts = torch.arange(32, dtype=torch.int32, device=logits.device)  # [32]
+        bits = (packed.unsqueeze(-1) >> shifts) & 1  # [C, num_words, 32]
+        allowed = bits.reshape(len(index), -1)[:, :vocab].bool()  # [C, <= vocab]
+        if allowed.shape[1] < vocab:  # ids past the grammar's vocabulary are never allowed
+            allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
+        rows = logits.index_select(0, index)  # [C, vocab]
+        rows.masked_fill_(~allowed, float("-inf"))
+        logits.index_copy_(0, index, rows)
 
 
 class BlockedIds:
@@ -87,7 +116,7 @@ class Penalties:
             logits -= knobs.presence_penalty.unsqueeze(1) * (counts > 0)
 
 
-DEFAULT_PROCESSORS: tuple[LogitsProcessor, ...] = (BlockedIds(), Penalties())
+DEFAULT_PROCESSORS: tuple[LogitsProcessor, ...] = (GrammarBitmask(), BlockedIds(), Penalties())
 
 
 def _flatten(

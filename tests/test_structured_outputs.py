@@ -118,7 +118,7 @@ def test_jump_forward_on_and_off_both_valid_and_on_takes_fewer_steps_than_tokens
                 steps += 1
         runs[jump] = (tokens, steps, engine.structured.num_jump_forward_tokens - before)
     engine.structured.jump_forward = True
-    for jump, (tokens, steps, jumped) in runs.items():
+    for tokens, _, _ in runs.values():
         text = llm.tokenizer.decode(tokens, skip_special_tokens=True)
         jsonschema.validate(json.loads(text), schema)
     assert runs[False][2] == 0 and runs[False][1] == len(runs[False][0])

@@ -3,7 +3,9 @@
 `run_offline(config, spec)` builds an `Engine`, makes `spec.num_prompts` prompts
 of `spec.input_len` random token ids (seeded), runs a short warm-up, then
 times one run in which every request generates exactly `spec.output_len`
-tokens (ignore_eos). It drives `Engine.add_request` / `step` directly, so
+tokens (ignore_eos), or, with `spec.json_schema`, a JSON value of that schema
+(ended by EOS, at most output_len tokens; jump-forward tokens are counted).
+It drives `Engine.add_request` / `step` directly, so
 detokenizing is not timed (Hugging Face `generate`, the baseline, returns ids
 too). The result is an `OfflineResult`: elapsed time, throughputs, time to
 first token and the time of each pure-decode step (the batch-level TPOT: in
@@ -26,7 +28,10 @@ import torch
 
 from kestrel.config import EngineConfig
 from kestrel.engine import Engine
+from kestrel.frontend.tokenizer import load_tokenizer
+from kestrel.model_files import resolve_model_path
 from kestrel.sampling_params import SamplingParams
+from kestrel.structured_outputs import StructuredOutputsParams
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +54,8 @@ class OfflineSpec:
     """Timed runs; the figures are those of the fastest (all elapsed times are kept)."""
     wait_idle: bool = False
     """Before each timed run, wait until other processes leave the CPUs idle (shared machines)."""
+    json_schema: str | None = None
+    """JSON text of a schema every output must match (EOS then ends a request; output_len is a cap)."""
 
     def __post_init__(self) -> None:
         for name in ("num_prompts", "input_len", "output_len", "batch_size"):
@@ -74,6 +81,10 @@ class RunTiming:
     """Duration of each pure-decode step (every running sequence got one token, none its first)."""
     decode_step_batch: list[int] = field(default_factory=list)
     """Sequences decoded in each of those steps."""
+    num_steps: int = 0
+    """Engine steps (forward passes) of the run."""
+    num_sampled_tokens: int = 0
+    """Output tokens that took a forward pass of their own (the rest were jump-forward tokens)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +118,12 @@ class OfflineResult:
     all_elapsed_s: list[float]
     """Elapsed time of every timed run (the figures above are the fastest one's)."""
     machine: dict
+    json_schema: str | None = None
+    """The schema outputs were constrained to (None: free text)."""
+    num_steps: int = 0
+    """Engine steps of the fastest run."""
+    jump_forward_share: float = 0.0
+    """Share of output tokens appended by jump-forward (no forward pass of their own)."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -116,7 +133,8 @@ def run_offline(config: EngineConfig, spec: OfflineSpec, engine: Engine | None =
     """Benchmark the Kestrel engine on `spec` (see the module docstring); `engine`: reuse one built from `config`."""
     if config.max_num_seqs != spec.batch_size:
         raise ValueError("spec.batch_size must equal config.max_num_seqs")
-    engine = engine or Engine(config)
+    engine = engine or Engine(config, tokenizer=lambda: load_tokenizer(config.tokenizer or resolve_model_path(
+        config.model)))
     if spec.input_len + spec.output_len > engine.max_model_len:
         raise ValueError(f"input-len + output-len = {spec.input_len + spec.output_len} exceeds the "
                          f"context length {engine.max_model_len}; lower them or raise --max-model-len")
@@ -194,6 +212,8 @@ def summarize(backend: str, model: str, dtype: str, spec: OfflineSpec, timings: 
         per_sequence_tokens_per_s=1e3 / mean_step if steps_ms else float("nan"),
         all_elapsed_s=[t.elapsed_s for t in timings],
         machine=machine_info(),
+        json_schema=spec.json_schema, num_steps=timing.num_steps,
+        jump_forward_share=1 - timing.num_sampled_tokens / num_out if timing.num_sampled_tokens else 0.0,
     )
 
 
@@ -215,6 +235,9 @@ def print_result(r: OfflineResult) -> None:
         ("Decode-only tokens/s (all seqs):", f"{r.decode_tokens_per_s:.2f}"),
         ("Aggregate ms per output token:", f"{r.ms_per_output_token:.2f}"),
     ]
+    if r.json_schema is not None:
+        rows += [("Constrained to a JSON schema:", "yes"), ("Engine steps (forward passes):", r.num_steps),
+                 ("Jump-forward share of output tokens:", f"{r.jump_forward_share:.1%}")]
     print("{s:{c}^{n}}".format(s=" Offline Benchmark Result ", n=60, c="="))
     for label, value in rows:
         print(f"{label:<36} {value}")
@@ -235,7 +258,10 @@ def machine_info() -> dict:
 
 # ---- helpers -----------------------------------------------------------------
 def _params(spec: OfflineSpec, max_tokens: int) -> SamplingParams:
-    return SamplingParams(temperature=spec.temperature, max_tokens=max_tokens, ignore_eos=True)
+    if spec.json_schema is None:
+        return SamplingParams(temperature=spec.temperature, max_tokens=max_tokens, ignore_eos=True)
+    return SamplingParams(temperature=spec.temperature, max_tokens=max_tokens,
+                          structured_outputs=StructuredOutputsParams(json=spec.json_schema))
 
 
 def _time_engine_run(engine: Engine, prompts: list[list[int]], params: SamplingParams, tag: str) -> RunTiming:
@@ -250,6 +276,8 @@ def _time_engine_run(engine: Engine, prompts: list[list[int]], params: SamplingP
         outputs = engine.step()
         t1 = time.perf_counter()
         is_pure_decode = bool(outputs)
+        timing.num_steps += 1
+        timing.num_sampled_tokens += len(outputs)
         for out in outputs:
             seen = num_tokens.get(out.request_id, 0)
             if seen == 0:

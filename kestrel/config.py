@@ -137,6 +137,9 @@ class EngineConfig:
     """GPU: the fraction of the device's memory Kestrel may use in all (weights, activations, KV pool)."""
     enforce_eager: bool = False
     """GPU: run every step eagerly instead of replaying CUDA graphs for decode steps."""
+    async_scheduling: bool | None = None
+    """Build step N+1 while step N runs (its sampled tokens are read one step late; a request stopped by
+    EOS may compute one extra token, which is dropped). None: on for CUDA, off on CPU."""
     num_kv_slots: int | None = None
     """Exact number of KV slots (tokens) in the pool; mostly for tests."""
     seed: int = 0

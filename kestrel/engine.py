@@ -1,6 +1,10 @@
 """The engine: requests in, one step at a time, token deltas out.
 
-    step() = schedule -> build the step batch -> execute on the worker(s) -> update requests -> emit
+    step() = schedule -> build the step batch -> commit -> execute on the worker(s) -> update requests -> emit
+
+With async scheduling (default on CUDA) a step submits its batch and then applies the previous
+step's result, so the host builds step N+1 while the device runs step N; tokens still in flight
+enter the next batch as placeholders the worker fills in on the device.
 
 The engine side owns requests and their bookkeeping (scheduler, KV manager, stop rules, prompt
 checks); the worker side owns the device (model, KV pool, slot table, attention, sampler) and is
@@ -22,10 +26,11 @@ from kestrel.models.loader import load_model_config
 from kestrel.outputs import EngineOutput
 from kestrel.request import Request
 from kestrel.sampling_params import SamplingParams
-from kestrel.scheduler import Scheduler, build_step_batch
+from kestrel.scheduler import Scheduler, SchedulerOutput, build_step_batch
+from kestrel.step_batch import StepBatch
 from kestrel.stop_rules import StopRules
 from kestrel.structured import StructuredOutputManager
-from kestrel.worker.executor import create_executor
+from kestrel.worker.executor import PendingResult, create_executor
 
 
 class Engine:
@@ -46,6 +51,10 @@ class Engine:
             self.model_config.eos_token_ids, config.jump_forward, config.grammar_cache_size)
         self.scheduler = Scheduler(self.kv_manager, self.stop_rules, config.max_num_seqs,
                                    config.max_num_batched_tokens, self.structured)
+        self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
+                                 else info.device.startswith("cuda"))
+        self._inflight: tuple[SchedulerOutput, PendingResult] | None = None
+        """The submitted step whose result is not applied yet (async scheduling)."""
         self._num_arrivals = 0
 
     # ---- requests ------------------------------------------------------------
@@ -60,7 +69,7 @@ class Engine:
         self.scheduler.abort(request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished
+        return self.scheduler.has_unfinished or self._inflight is not None
 
     @property
     def num_unfinished_requests(self) -> int:
@@ -68,13 +77,32 @@ class Engine:
 
     # ---- the step ------------------------------------------------------------
     def step(self) -> list[EngineOutput]:
+        if not self.async_scheduling:
+            sched = self.scheduler.schedule()
+            if sched.is_empty:
+                return []
+            batch = self._commit(sched)
+            return self.scheduler.update(sched, self.executor.execute(batch))
+        outputs = []
+        if self._inflight is not None and self.scheduler.needs_token_history():
+            outputs += self._apply_inflight()  # penalties read every token: this step waits for the last
         sched = self.scheduler.schedule()
-        if sched.is_empty:
-            return []
+        pending = None if sched.is_empty else self.executor.submit(self._commit(sched))
+        if self._inflight is not None:
+            outputs += self._apply_inflight()
+        self._inflight = None if pending is None else (sched, pending)
+        return outputs
+
+    def _commit(self, sched: SchedulerOutput) -> StepBatch:
         batch = build_step_batch(sched, self.kv_manager, self.stop_rules, self.scheduler.take_finished_ids(),
                                  self.structured)
-        result = self.executor.execute(batch)
-        return self.scheduler.update(sched, result)
+        self.scheduler.commit(sched)
+        return batch
+
+    def _apply_inflight(self) -> list[EngineOutput]:
+        sched, pending = self._inflight
+        self._inflight = None
+        return self.scheduler.update(sched, pending.result())
 
     def check_integrity(self) -> None:
         """Assert KV bookkeeping is consistent (free + cached + in use == total)."""

@@ -24,6 +24,8 @@ def add_engine_args(parser: argparse.ArgumentParser, with_model: bool = True) ->
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                         help="GPU: fraction of device memory for weights, activations and the KV pool")
     parser.add_argument("--enforce-eager", action="store_true", help="GPU: no CUDA graphs for decode steps")
+    parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                        help="build the next step while this one runs (default: on for CUDA, off on CPU)")
     parser.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS,
                         help="auto: triton on CUDA, torch elsewhere")
     parser.add_argument("--distributed-executor-backend", default="uni", choices=EXECUTOR_BACKENDS,
@@ -47,6 +49,7 @@ def engine_config_from_args(args: argparse.Namespace, **overrides) -> EngineConf
         num_kv_slots=args.num_kv_slots, seed=args.seed, num_threads=args.num_threads,
         prepack_weights=getattr(args, "prepack_weights", True),
         gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
+        async_scheduling=args.async_scheduling,
         attention_backend=args.attention_backend, distributed_executor_backend=args.distributed_executor_backend,
         jump_forward=args.jump_forward, grammar_cache_size=args.grammar_cache_size,
     )

@@ -2,10 +2,13 @@
 
 The one invariant the scheduler builds on: a request has `num_tokens`
 (prompt + generated so far) and `num_computed_tokens` (tokens whose KV is in
-the cache). Each step the scheduler lets `num_computed_tokens` catch up by some
-amount; when it reaches `num_tokens` the model's output at the last position is
-sampled and appended, and `num_tokens` grows by one. Prefill, chunked prefill,
-decode and recompute after preemption are all this one rule. No torch here.
+the cache, or is being computed by a step already submitted). Each step the
+scheduler lets `num_computed_tokens` catch up by some amount; when it reaches
+`num_tokens` the model's output at the last position is sampled and appended,
+and `num_tokens` grows by one. Prefill, chunked prefill, decode and recompute
+after preemption are all this one rule. With async scheduling a sampled token
+may still be in flight (`num_inflight_tokens`, 0 or 1): the next step is built
+before it is known, and computes it from the device's copy. No torch here.
 """
 
 from __future__ import annotations
@@ -46,6 +49,10 @@ class Request:
     stop_token_id: int | None = None
     """The EOS / stop token id that finished the request, if any."""
     num_preemptions: int = 0
+    num_inflight_tokens: int = 0
+    """Tokens sampled by a submitted step whose result is not applied yet (0 or 1)."""
+    inflight_sample_index: int = -1
+    """Row of that step's sampled tokens holding the in-flight token (when num_inflight_tokens == 1)."""
     logprobs: list = field(default_factory=list)
     """Per generated token: the sampler's logprob record (only when params.logprobs is set)."""
 
@@ -57,6 +64,11 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def target_num_tokens(self) -> int:
+        """Tokens the KV must cover before the next sample: the known ones and the one in flight."""
+        return len(self.token_ids) + self.num_inflight_tokens
 
     @property
     def num_output_tokens(self) -> int:

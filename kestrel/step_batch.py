@@ -65,6 +65,8 @@ class StepBatch(msgspec.Struct, frozen=True, array_like=True):
     sample_rows: list[SampleRow]
     finished_request_ids: list[str]
     """Requests that ended since the last batch: the worker drops their state."""
+    uses_previous_tokens: bool = False
+    """Some token_ids are placeholders -(1 + i): the i-th token the previous step sampled (async scheduling)."""
 
     @property
     def num_tokens(self) -> int:

@@ -48,6 +48,21 @@ def test_bench_offline_counts_and_saves(tiny_llama_dir, tmp_path, capsys, backen
     assert 0 < r["mean_ttft_ms"] <= r["elapsed_s"] * 1e3
 
 
+def test_bench_latency_times_startup_prefill_and_decode(tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "latency.json"
+    rc = main(["bench", "latency", tiny_llama_dir, "--load-format", "dummy", "--batch-size", "3",
+               "--input-len", "10", "--output-len", "5", "--num-iters", "2", "--output-json", str(out)])
+    assert rc == 0
+    assert "Latency Benchmark Result" in capsys.readouterr().out
+    r = json.loads(out.read_text())
+    assert r["batch_size"] == 3 and r["input_len"] == 10 and r["output_len"] == 5
+    assert 0 < r["engine_init_s"] < r["startup_to_first_token_s"]
+    assert len(r["all_e2e_latency_s"]) == 2 and r["e2e_latency_s"] == min(r["all_e2e_latency_s"])
+    assert 0 < r["prefill_ms"] < r["e2e_latency_s"] * 1e3
+    # 4 pure decode steps after the prefill step gives each request its first token
+    assert 0 < r["decode_step_ms_median"] and r["decode_step_ms_mean"] * 4 < r["e2e_latency_s"] * 1e3
+
+
 def test_bench_offline_rejects_bad_sizes(tiny_llama_dir, capsys):
     rc = main(["bench", "offline", tiny_llama_dir, "--load-format", "dummy", "--num-prompts", "0"])
     assert rc == 2

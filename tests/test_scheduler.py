@@ -43,6 +43,7 @@ def _simulate(seed: int, num_slots: int, budget: int, max_seqs: int, num_reqs: i
         for req, n in out.scheduled:
             assert n > 0 and req.num_computed_tokens + n <= req.num_tokens
             assert kv.num_slots_of(req.request_id) >= req.num_computed_tokens + n
+        sched.commit(out)
         sched.update(out, StepResult([7] * len(out.sampled)))  # max_tokens finishes requests
         if sched.running and rng.random() < 0.02:  # a client goes away
             sched.abort(rng.choice(sched.running).request_id)

@@ -52,7 +52,7 @@ if [[ $stage == bench || $stage == all || $stage == bench+serve ]]; then
 fi
 
 if [[ $stage == profile || $stage == all ]]; then
-  TAIL=60 step profile 200 python3 benchmarks/gpu/profile.py --model "$MODEL"
+  TAIL=60 step profile 200 python3 benchmarks/gpu/gpu_profile.py --model "$MODEL"
 fi
 
 if [[ $stage == serve || $stage == all || $stage == bench+serve ]]; then

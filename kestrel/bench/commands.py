@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -68,10 +69,7 @@ def _run_offline(args: argparse.Namespace) -> int:
     else:
         config = engine_config_from_args(args, show_progress=False)
         result = run_offline(config, spec)
-    print_result(result)
-    if args.output_json:
-        _save(args.output_json, result.to_json())
-    return 0
+    return _report(result, print_result, args.output_json)
 
 
 # ---- latency -------------------------------------------------------------------
@@ -90,14 +88,14 @@ def _add_latency(sub) -> None:
 
 
 def _run_latency(args: argparse.Namespace) -> int:
-    from kestrel.bench.latency import LatencySpec, print_latency, run_latency
+    from kestrel.bench.latency import print_latency, run_latency
+    from kestrel.bench.offline import OfflineSpec
 
-    spec = LatencySpec(args.batch_size, args.input_len, args.output_len, args.num_iters, args.temperature, args.seed)
-    result = run_latency(engine_config_from_args(args, show_progress=False), spec)
-    print_latency(result)
-    if args.output_json:
-        _save(args.output_json, result.to_json())
-    return 0
+    spec = OfflineSpec(num_prompts=args.batch_size, input_len=args.input_len, output_len=args.output_len,
+                       batch_size=args.batch_size, temperature=args.temperature, seed=args.seed,
+                       num_iters=args.num_iters)
+    return _report(run_latency(engine_config_from_args(args, show_progress=False), spec), print_latency,
+                   args.output_json)
 
 
 # ---- serve ---------------------------------------------------------------------
@@ -183,6 +181,14 @@ def _tokenizer(path: str | None):
 
         path = default_model_path()
     return load_tokenizer(path)
+
+
+def _report(result, printer, path: str | None) -> int:
+    """Print a frozen result dataclass, and save it as JSON when a path is given."""
+    printer(result)
+    if path:
+        _save(path, json.dumps(dataclasses.asdict(result), indent=2))
+    return 0
 
 
 def _save(path: str, text: str) -> None:

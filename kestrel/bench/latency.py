@@ -10,30 +10,14 @@ end-to-end latency, fastest iteration first.
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
-from kestrel.bench.offline import machine_info, random_prompts
+from kestrel.bench.offline import OfflineSpec, machine_info, random_prompts
 from kestrel.config import EngineConfig
 from kestrel.engine import Engine
 from kestrel.sampling_params import SamplingParams
-
-
-@dataclass(frozen=True, slots=True)
-class LatencySpec:
-    batch_size: int
-    input_len: int
-    output_len: int
-    num_iters: int = 3
-    temperature: float = 0.0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("batch_size", "input_len", "output_len", "num_iters"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,11 +41,9 @@ class LatencyResult:
     all_e2e_latency_s: list[float]
     machine: dict
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
 
-
-def run_latency(config: EngineConfig, spec: LatencySpec) -> LatencyResult:
+def run_latency(config: EngineConfig, spec: OfflineSpec) -> LatencyResult:
+    """`spec.batch_size` prompts at once, `spec.num_iters` times (num_prompts is not used)."""
     t0 = time.perf_counter()
     engine = Engine(config)
     init_s = time.perf_counter() - t0

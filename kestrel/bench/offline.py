@@ -17,12 +17,11 @@ The Hugging Face baseline (`kestrel.bench.hf_baseline`) fills the same
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
@@ -124,9 +123,6 @@ class OfflineResult:
     """Engine steps of the fastest run."""
     jump_forward_share: float = 0.0
     """Share of output tokens appended by jump-forward (no forward pass of their own)."""
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
 
 
 def run_offline(config: EngineConfig, spec: OfflineSpec, engine: Engine | None = None) -> OfflineResult:

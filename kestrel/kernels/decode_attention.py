@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import torch
 
+from kestrel.kernels.attention_common import attend_block
+from kestrel.kernels.launch_checks import check_attention, check_index, check_one_device
 from kestrel.kernels.triton_compat import tl, triton
 
 _LOG2E = 1.4426950408889634
@@ -69,29 +71,11 @@ def _decode_partial_kernel(
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)  # running sum of p @ v
     table_ptr = req_to_token_ptr + row * stride_table_row
     kv_head_offset = kv_head * HEAD_DIM
+    last = tl.zeros([BLOCK_H], tl.int32) + (end - 1)  # every head's query sits at the last position
     for block_start in range(start, end, BLOCK_N):
-        pos = block_start + tl.arange(0, BLOCK_N)
-        pos_ok = pos < end
-        slots = tl.load(table_ptr + pos, mask=pos_ok, other=0).to(tl.int64)  # [BLOCK_N]
-        row_offsets = slots * (NUM_KV_HEADS * HEAD_DIM) + kv_head_offset
-        k = tl.load(k_cache_ptr + row_offsets[None, :] + d[:, None],
-                    mask=dim_ok[:, None] & pos_ok[None, :], other=0.0)  # [BLOCK_D, BLOCK_N]
-        v = tl.load(v_cache_ptr + row_offsets[:, None] + d[None, :],
-                    mask=pos_ok[:, None] & dim_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-        if UPCAST_DOT:
-            k = k.to(tl.float32)
-        scores = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_H, BLOCK_N]
-        scores = tl.where(pos_ok[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(scores - m_new[:, None])  # [BLOCK_H, BLOCK_N]
-        l_i = l_i * alpha + tl.sum(p, 1)
-        p = p.to(v.dtype)
-        if UPCAST_DOT:
-            p = p.to(tl.float32)
-            v = v.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        acc, l_i, m_i = attend_block(acc, l_i, m_i, q, last, block_start, end, table_ptr, k_cache_ptr, v_cache_ptr,
+                                     kv_head_offset, d, dim_ok, qk_scale, NUM_KV_HEADS, HEAD_DIM, BLOCK_N, True,
+                                     DOT_PRECISION, UPCAST_DOT)
 
     has_keys = l_i > 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]  # [BLOCK_H, BLOCK_D], zeros for an empty split
@@ -143,34 +127,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     workspace: float32, contiguous, >= decode_workspace_size(B, num_heads, head_dim, num_kv_splits)
     elements; allocated here when None (pass one for CUDA graphs).
     """
-    if q.dim() != 3 or out.shape != q.shape:
-        raise ValueError(f"q and out must both be [batch, num_heads, head_dim]; got {tuple(q.shape)} "
-                         f"and {tuple(out.shape)}")
-    batch, num_heads, head_dim = q.shape
-    if k_cache.dim() != 3 or k_cache.shape[2] != head_dim or v_cache.shape != k_cache.shape:
-        raise ValueError(f"k_cache and v_cache must both be [num_slots, num_kv_heads, {head_dim}]; got "
-                         f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
-    num_kv_heads = k_cache.shape[1]
-    if num_heads % num_kv_heads != 0:
-        raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-    if not 16 <= head_dim <= 256:
-        raise ValueError(f"head_dim must be in [16, 256]; got {head_dim}")
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        raise ValueError("k_cache and v_cache must be contiguous")
-    if q.stride(2) != 1 or out.stride(2) != 1:
-        raise ValueError(f"q and out need a contiguous last dim; got strides {q.stride()} and {out.stride()}")
-    if not (q.dtype == out.dtype == k_cache.dtype == v_cache.dtype):
-        raise ValueError(f"q, out, k_cache, v_cache must share one dtype; got {q.dtype}, {out.dtype}, "
-                         f"{k_cache.dtype}, {v_cache.dtype}")
-    if req_to_token.dim() != 2 or req_to_token.stride(1) != 1 or req_to_token.dtype not in (torch.int32, torch.int64):
-        raise ValueError("req_to_token must be a [max_num_seqs, max_model_len] int32 table with a contiguous last dim")
-    for name, t in (("req_rows", req_rows), ("seq_lens", seq_lens)):
-        if t.shape != (batch,) or t.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"{name} must be [{batch}] int32; got {tuple(t.shape)} {t.dtype}")
+    num_heads, num_kv_heads, head_dim = check_attention(q, out, k_cache, v_cache, req_to_token, "batch")
+    batch = q.shape[0]
+    check_index("req_rows", req_rows, batch)
+    check_index("seq_lens", seq_lens, batch)
     if not isinstance(num_kv_splits, int) or not 1 <= num_kv_splits <= 256:
         raise ValueError(f"num_kv_splits must be an int in [1, 256]; got {num_kv_splits!r}")
-    if len({t.device for t in (q, k_cache, v_cache, req_to_token, req_rows, seq_lens, out)}) != 1:
-        raise ValueError("all tensors of decode_attention must be on one device")
+    check_one_device("decode_attention", q, k_cache, v_cache, req_to_token, req_rows, seq_lens, out)
 
     num_parts = batch * num_heads * num_kv_splits
     needed = num_parts * (head_dim + 1)

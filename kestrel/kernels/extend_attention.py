@@ -26,43 +26,11 @@ from __future__ import annotations
 
 import torch
 
+from kestrel.kernels.attention_common import attend_block
+from kestrel.kernels.launch_checks import check_attention, check_index, check_one_device
 from kestrel.kernels.triton_compat import tl, triton
 
 _LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _attend_block(
-    acc, l_i, m_i, q, q_pos, block_start, kv_end, table_ptr, k_cache_ptr, v_cache_ptr, kv_head_offset,
-    d, dim_ok, qk_scale,
-    NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-):
-    """One key/value block of the online softmax; MASKED applies causality and the kv_end bound."""
-    pos = block_start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
-    pos_ok = pos < kv_end
-    slots = tl.load(table_ptr + pos, mask=pos_ok, other=0).to(tl.int64)
-    row_offsets = slots * (NUM_KV_HEADS * HEAD_DIM) + kv_head_offset
-    k = tl.load(k_cache_ptr + row_offsets[None, :] + d[:, None],
-                mask=dim_ok[:, None] & pos_ok[None, :], other=0.0)  # [BLOCK_D, BLOCK_N]
-    v = tl.load(v_cache_ptr + row_offsets[:, None] + d[None, :],
-                mask=pos_ok[:, None] & dim_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-    if UPCAST_DOT:
-        k = k.to(tl.float32)
-    scores = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
-    if MASKED:
-        visible = (pos[None, :] <= q_pos[:, None]) & pos_ok[None, :]
-        scores = tl.where(visible, scores, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(scores, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(scores - m_new[:, None])  # [BLOCK_M, BLOCK_N]
-    l_i = l_i * alpha + tl.sum(p, 1)
-    p = p.to(v.dtype)
-    if UPCAST_DOT:
-        p = p.to(tl.float32)
-        v = v.to(tl.float32)
-    acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
-    return acc, l_i, m_new
 
 
 @triton.jit
@@ -108,11 +76,11 @@ def _extend_attention_kernel(
     # Every row of the tile sees the positions before its first query.
     unmasked_end = (prefix_len + tile * BLOCK_T) // BLOCK_N * BLOCK_N
     for block_start in range(0, unmasked_end, BLOCK_N):
-        acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, q_pos, block_start, kv_end, table_ptr, k_cache_ptr,
+        acc, l_i, m_i = attend_block(acc, l_i, m_i, q, q_pos, block_start, kv_end, table_ptr, k_cache_ptr,
                                       v_cache_ptr, kv_head_offset, d, dim_ok, qk_scale, NUM_KV_HEADS, HEAD_DIM,
                                       BLOCK_N, False, DOT_PRECISION, UPCAST_DOT)
     for block_start in range(unmasked_end, kv_end, BLOCK_N):
-        acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, q_pos, block_start, kv_end, table_ptr, k_cache_ptr,
+        acc, l_i, m_i = attend_block(acc, l_i, m_i, q, q_pos, block_start, kv_end, table_ptr, k_cache_ptr,
                                       v_cache_ptr, kv_head_offset, d, dim_ok, qk_scale, NUM_KV_HEADS, HEAD_DIM,
                                       BLOCK_N, True, DOT_PRECISION, UPCAST_DOT)
 
@@ -134,37 +102,16 @@ def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     num_tokens and 1 <= q_len <= seq_len for every request (not checked: no host sync).
     max_query_len: the largest q_len (host int), used only to size the grid.
     """
-    if q.dim() != 3 or out.shape != q.shape:
-        raise ValueError(f"q and out must both be [num_tokens, num_heads, head_dim]; got {tuple(q.shape)} "
-                         f"and {tuple(out.shape)}")
-    num_tokens, num_heads, head_dim = q.shape
-    if k_cache.dim() != 3 or k_cache.shape[2] != head_dim or v_cache.shape != k_cache.shape:
-        raise ValueError(f"k_cache and v_cache must both be [num_slots, num_kv_heads, {head_dim}]; got "
-                         f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
-    num_kv_heads = k_cache.shape[1]
-    if num_heads % num_kv_heads != 0:
-        raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-    if not 16 <= head_dim <= 256:
-        raise ValueError(f"head_dim must be in [16, 256]; got {head_dim}")
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        raise ValueError("k_cache and v_cache must be contiguous")
-    if q.stride(2) != 1 or out.stride(2) != 1:
-        raise ValueError(f"q and out need a contiguous last dim; got strides {q.stride()} and {out.stride()}")
-    if not (q.dtype == out.dtype == k_cache.dtype == v_cache.dtype):
-        raise ValueError(f"q, out, k_cache, v_cache must share one dtype; got {q.dtype}, {out.dtype}, "
-                         f"{k_cache.dtype}, {v_cache.dtype}")
-    if req_to_token.dim() != 2 or req_to_token.stride(1) != 1 or req_to_token.dtype not in (torch.int32, torch.int64):
-        raise ValueError("req_to_token must be a [max_num_seqs, max_model_len] int32 table with a contiguous last dim")
+    num_heads, num_kv_heads, head_dim = check_attention(q, out, k_cache, v_cache, req_to_token, "num_tokens")
+    num_tokens = q.shape[0]
     num_reqs = req_rows.shape[0] if req_rows.dim() == 1 else -1
-    for name, t, n in (("req_rows", req_rows, num_reqs), ("seq_lens", seq_lens, num_reqs),
-                       ("q_start_loc", q_start_loc, num_reqs + 1)):
-        if t.shape != (n,) or t.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"{name} must be [{n}] int32 (req_rows [R], seq_lens [R], q_start_loc [R + 1]); "
-                             f"got {tuple(t.shape)} {t.dtype}")
+    shapes = " (req_rows [R], seq_lens [R], q_start_loc [R + 1])"
+    check_index("req_rows", req_rows, num_reqs, shapes)
+    check_index("seq_lens", seq_lens, num_reqs, shapes)
+    check_index("q_start_loc", q_start_loc, num_reqs + 1, shapes)
     if not isinstance(max_query_len, int) or max_query_len < 0:
         raise ValueError(f"max_query_len must be a non-negative int; got {max_query_len!r}")
-    if len({t.device for t in (q, k_cache, v_cache, req_to_token, req_rows, q_start_loc, seq_lens, out)}) != 1:
-        raise ValueError("all tensors of extend_attention must be on one device")
+    check_one_device("extend_attention", q, k_cache, v_cache, req_to_token, req_rows, q_start_loc, seq_lens, out)
     if num_tokens == 0 or num_reqs == 0 or max_query_len == 0:
         return out
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from kestrel.kernels.launch_checks import check_index, check_one_device
 from kestrel.kernels.triton_compat import tl, triton
 
 
@@ -65,6 +66,8 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos:
         raise ValueError(f"q and k need a contiguous last dim; got strides {q.stride()} and {k.stride()}")
     if q.dtype != k.dtype:
         raise ValueError(f"q and k must share one dtype; got {q.dtype} and {k.dtype}")
+    check_index("positions", positions, num_tokens)
+    check_one_device("apply_rotary", q, k, positions, cos, sin)
     half = head_dim // 2
     for name, t in (("cos", cos), ("sin", sin)):
         if t.dim() != 2 or t.shape[1] != half or t.dtype != torch.float32 or not t.is_contiguous():
@@ -72,11 +75,6 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos:
                              f"{tuple(t.shape)} {t.dtype}")
     if cos.shape != sin.shape:
         raise ValueError(f"cos and sin must have one shape; got {tuple(cos.shape)} and {tuple(sin.shape)}")
-    if positions.shape != (num_tokens,) or positions.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"positions must be [{num_tokens}] int32 or int64; got {tuple(positions.shape)} "
-                         f"{positions.dtype}")
-    if len({t.device for t in (q, k, positions, cos, sin)}) != 1:
-        raise ValueError("q, k, positions, cos and sin must be on one device")
     if num_tokens == 0:
         return
     _rotary_kernel[(num_tokens,)](

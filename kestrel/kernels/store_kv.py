@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from kestrel.kernels.launch_checks import (check_index, check_kv_cache, check_last_dim_contiguous, check_one_device,
+                                           check_one_dtype)
 from kestrel.kernels.triton_compat import tl, triton
 
 
@@ -49,21 +51,11 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         raise ValueError(f"k and v must both be [num_tokens, num_kv_heads, head_dim]; got {tuple(k.shape)} "
                          f"and {tuple(v.shape)}")
     num_tokens, num_kv_heads, head_dim = k.shape
-    if k_cache.dim() != 3 or tuple(k_cache.shape[1:]) != (num_kv_heads, head_dim) or v_cache.shape != k_cache.shape:
-        raise ValueError(f"k_cache and v_cache must both be [num_slots, {num_kv_heads}, {head_dim}]; got "
-                         f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        raise ValueError("k_cache and v_cache must be contiguous")
-    if k.stride(2) != 1 or v.stride(2) != 1:
-        raise ValueError(f"k and v need a contiguous last dim (stride 1); got strides {k.stride()} and {v.stride()}")
-    if not (k.dtype == v.dtype == k_cache.dtype == v_cache.dtype):
-        raise ValueError(f"k, v, k_cache, v_cache must share one dtype; got {k.dtype}, {v.dtype}, "
-                         f"{k_cache.dtype}, {v_cache.dtype}")
-    if slot_mapping.shape != (num_tokens,) or slot_mapping.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"slot_mapping must be [{num_tokens}] int32 or int64; got {tuple(slot_mapping.shape)} "
-                         f"{slot_mapping.dtype}")
-    if len({t.device for t in (k, v, k_cache, v_cache, slot_mapping)}) != 1:
-        raise ValueError("k, v, k_cache, v_cache and slot_mapping must be on one device")
+    check_kv_cache(k_cache, v_cache, head_dim, num_kv_heads)
+    check_last_dim_contiguous("k and v", k, v)
+    check_one_dtype("k, v, k_cache, v_cache", k, v, k_cache, v_cache)
+    check_index("slot_mapping", slot_mapping, num_tokens)
+    check_one_device("store_kv", k, v, k_cache, v_cache, slot_mapping)
     if num_tokens == 0:
         return
     _store_kv_kernel[(num_tokens,)](

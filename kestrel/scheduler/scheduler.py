@@ -8,9 +8,13 @@ the longest prefix the prefix cache holds for it. When a running request cannot 
 newest running request is preempted: its computed KV goes back to the prefix cache and it is
 requeued (at the front) to be recomputed later. Nothing is ever dropped.
 
-After the step, `update` advances every scheduled request, appends the sampled tokens, applies the
-stop rules and finishes requests. No torch and no model here: capacity is the KV manager's slot
-count, so the scheduler runs on CPU in tests with any fake capacity.
+Once the step batch is built, `commit` advances every scheduled request (its tokens are being
+computed) and marks the sampled ones in flight; when the step's result is back, `update` appends
+the sampled tokens, applies the stop rules and finishes requests. With async scheduling the next
+step is scheduled and committed before the last one's update, so a request stopped by EOS may run
+one step more, whose token `update` drops; a request certain to stop (max_tokens, context length)
+is not scheduled again. No torch and no model here: capacity is the KV manager's slot count, so the
+scheduler runs on CPU in tests with any fake capacity.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ class ScheduledRequest(NamedTuple):
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    sampled: list[Request] = field(default_factory=list)
+    """Requests whose computed tokens catch up with their target this step: they sample one, in this order."""
 
     @property
     def num_batched_tokens(self) -> int:
@@ -46,13 +52,10 @@ class SchedulerOutput:
     def is_empty(self) -> bool:
         return not self.scheduled
 
-    @property
-    def sampled(self) -> list[Request]:
-        """Requests whose computed tokens catch up with their tokens this step: they sample one.
-
-        Valid until `Scheduler.update` advances them.
-        """
-        return [req for req, n in self.scheduled if req.num_computed_tokens + n == req.num_tokens]
+    def add(self, req: Request, n: int) -> None:
+        self.scheduled.append(ScheduledRequest(req, n))
+        if req.num_computed_tokens + n == req.target_num_tokens:
+            self.sampled.append(req)
 
 
 class Scheduler:
@@ -96,6 +99,11 @@ class Scheduler:
     def num_unfinished(self) -> int:
         return len(self._requests)
 
+    def needs_token_history(self) -> bool:
+        """A running request with a token in flight reads its past tokens to sample (penalties, a grammar)."""
+        return any(r.num_inflight_tokens and (r.params.has_penalties or r.params.structured_outputs is not None)
+                   for r in self.running)
+
     def take_finished_ids(self) -> list[str]:
         """Requests that ended since the last call (the worker drops their state)."""
         ids, self._finished_ids = self._finished_ids, []
@@ -109,7 +117,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if self._will_stop(req):
+                i += 1  # its in-flight token ends it: nothing more to compute
+                continue
+            n = min(req.target_num_tokens - req.num_computed_tokens, budget)
             while not self.kv_manager.allocate(req.request_id, self._slots_needed(req, n)):
                 victim = self.running.pop()  # newest running request
                 self._preempt(victim)
@@ -119,7 +130,7 @@ class Scheduler:
                     break
             if n == 0:
                 break  # req preempted itself: nothing older can be helped either
-            out.scheduled.append(ScheduledRequest(req, n))
+            out.add(req, n)
             budget -= n
             i += 1
 
@@ -127,13 +138,21 @@ class Scheduler:
             self._admit_waiting(out, budget)
         return out
 
-    def update(self, out: SchedulerOutput, result: StepResult) -> list[EngineOutput]:
-        """Apply a finished step: advance computed tokens, append sampled ones, stop and finish."""
-        sampled = out.sampled
+    def commit(self, out: SchedulerOutput) -> None:
+        """The step is submitted: its tokens count as computed, its samples are in flight."""
         for req, n in out.scheduled:
             req.num_computed_tokens += n
+        for i, req in enumerate(out.sampled):
+            req.num_inflight_tokens += 1
+            req.inflight_sample_index = i
+
+    def update(self, out: SchedulerOutput, result: StepResult) -> list[EngineOutput]:
+        """Apply a committed step's result: append sampled tokens, stop and finish requests."""
         outputs = []
-        for i, (req, token_id) in enumerate(zip(sampled, result.token_ids)):
+        for i, (req, token_id) in enumerate(zip(out.sampled, result.token_ids)):
+            req.num_inflight_tokens -= 1
+            if req.is_finished:
+                continue  # stopped (or aborted) while this step ran: its token is dropped
             req.token_ids.append(token_id)
             logprobs = None
             if req.params.logprobs is not None and result.logprobs is not None:
@@ -167,15 +186,23 @@ class Scheduler:
             req = self.waiting[0]
             # The last token is always computed: its logits give the next token.
             hit = self.kv_manager.match(req.token_ids[: req.num_tokens - 1])
-            n = min(req.num_tokens - hit.num_tokens, budget)
+            n = min(req.target_num_tokens - hit.num_tokens, budget)
             if not self.kv_manager.allocate(req.request_id, n, hit):
                 break
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
             req.num_computed_tokens = hit.num_tokens
             self.running.append(req)
-            out.scheduled.append(ScheduledRequest(req, n))
+            out.add(req, n)
             budget -= n
+
+    def _will_stop(self, req: Request) -> bool:
+        """Its in-flight token ends it for sure (max_tokens or the context length)."""
+        if not req.num_inflight_tokens:
+            return False
+        p, n = req.params, req.target_num_tokens
+        return (p.max_tokens is not None and n - req.num_prompt_tokens >= p.max_tokens) or \
+            n >= self.stop_rules.max_model_len
 
     def _slots_needed(self, req: Request, num_new: int) -> int:
         """Slots to add so positions up to num_computed + num_new have one."""

@@ -3,6 +3,9 @@
 Reads each scheduled request's tokens and slots (from the KV manager), the slot-table entries that
 changed since the last step, and what each sampling request needs this step (its params, the ids
 the stop rules block, its token history only when a penalty reads it, its grammar's token bitmask).
+A token still in flight
+(async scheduling: sampled by the previous step, not yet known here) goes in as the placeholder
+-(1 + its row in the previous step's sampled tokens); the worker fills it in on the device.
 """
 
 from __future__ import annotations
@@ -25,25 +28,30 @@ def build_step_batch(out: SchedulerOutput, kv_manager: KVCacheManager, stop_rule
     req_rows: list[int] = []
     sample_indices: list[int] = []
     sample_rows: list[SampleRow] = []
+    uses_previous = False
     for req, n in out.scheduled:
         start = req.num_computed_tokens
         end = start + n
         token_ids.extend(req.token_ids[start:end])
+        if end > req.num_tokens:  # the in-flight token
+            token_ids.append(-1 - req.inflight_sample_index)
+            uses_previous = True
         positions.extend(range(start, end))
         slot_mapping.extend(kv_manager.slots_of(req.request_id)[start:end])
         query_start_loc.append(len(token_ids))
         seq_lens.append(end)
         req_rows.append(kv_manager.row_of(req.request_id))
-        if end == req.num_tokens:
+        if end == req.target_num_tokens:  # the rule of SchedulerOutput.add: same rows, same order as out.sampled
             sample_indices.append(len(token_ids) - 1)
             sample_rows.append(_sample_row(req, stop_rules, grammar))
     return StepBatch(token_ids, positions, slot_mapping, query_start_loc, seq_lens, req_rows,
-                     kv_manager.take_table_writes(), sample_indices, sample_rows, finished_request_ids)
+                     kv_manager.take_table_writes(), sample_indices, sample_rows, finished_request_ids,
+                     uses_previous)
 
 
 def _sample_row(req: Request, stop_rules: StopRules, grammar: GrammarHook | None) -> SampleRow:
     p = req.params
-    blocked = stop_rules.blocked_token_ids(p, req.num_output_tokens)
+    blocked = stop_rules.blocked_token_ids(p, req.num_output_tokens + req.num_inflight_tokens)
     prompt = req.prompt_token_ids if p.repetition_penalty != 1 else None
     output = req.output_token_ids if p.has_penalties else None
     bitmask = None

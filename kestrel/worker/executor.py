@@ -5,8 +5,9 @@
   msgpack bytes over a pipe and the `StepResult` comes back the same way. This is the path tensor
   parallelism takes (one child per rank, each receiving the same batch).
 
-Contract: `execute` returns the step's result or raises RuntimeError (the worker's error, or its
-death); `shutdown` is idempotent.
+Contract: `submit(batch)` queues a step and returns a handle whose `result()` gives the step's
+result or raises RuntimeError (the worker's error, or its death); results come back in submission
+order; `execute` is `submit(...).result()`; `shutdown` is idempotent.
 """
 
 from __future__ import annotations
@@ -23,8 +24,16 @@ _RESULT, _ERROR = b"r", b"e"
 """First byte of every message from a worker process."""
 
 
+class PendingResult(Protocol):
+    def result(self) -> StepResult:
+        ...
+
+
 class Executor(Protocol):
     info: WorkerInfo
+
+    def submit(self, batch: StepBatch) -> PendingResult:
+        ...
 
     def execute(self, batch: StepBatch) -> StepResult:
         ...
@@ -44,6 +53,9 @@ class UniprocExecutor:
         self.worker = Worker(config, model_path, model_config)
         self.info = self.worker.info
 
+    def submit(self, batch: StepBatch) -> PendingResult:
+        return self.worker.submit(batch)
+
     def execute(self, batch: StepBatch) -> StepResult:
         return self.worker.execute(batch)
 
@@ -61,9 +73,19 @@ class MultiprocExecutor:
         child_conn.close()
         self.info: WorkerInfo = self._receive_info()
 
-    def execute(self, batch: StepBatch) -> StepResult:
+    def submit(self, batch: StepBatch) -> PendingResult:
+        """Send the batch; the child computes it while the engine builds the next one."""
         try:
             self._conn.send_bytes(encode(batch))
+        except OSError as e:
+            raise RuntimeError(f"the worker process died (exit code {self._process.exitcode})") from e
+        return _Reply(self)
+
+    def execute(self, batch: StepBatch) -> StepResult:
+        return self.submit(batch).result()
+
+    def _receive(self) -> StepResult:
+        try:
             reply = self._conn.recv_bytes()
         except (EOFError, OSError) as e:
             raise RuntimeError(f"the worker process died (exit code {self._process.exitcode})") from e
@@ -92,6 +114,16 @@ class MultiprocExecutor:
             self._process.join()
             raise RuntimeError(f"the worker could not start: {info}")
         return info
+
+
+class _Reply:
+    """The child's reply to one submitted batch (replies arrive in submission order)."""
+
+    def __init__(self, executor: MultiprocExecutor) -> None:
+        self._executor = executor
+
+    def result(self) -> StepResult:
+        return self._executor._receive()
 
 
 def _worker_main(config: EngineConfig, model_path: str, model_config: ModelConfig, conn) -> None:

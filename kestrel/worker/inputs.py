@@ -2,8 +2,8 @@
 
 All lists are packed into one int32 array; on CUDA it goes through a pinned host buffer with one
 non-blocking copy, then is split into views. On CPU the views share the numpy array's memory.
-The pinned buffer is reused each step: the caller must not stage a new step before the previous
-step's copy is done (the worker syncs on its sampled tokens every step).
+Two pinned buffers take turns, each reused only once the copy out of it has finished (an event),
+so the next step can be staged while this one still runs (async scheduling).
 """
 
 from __future__ import annotations
@@ -36,7 +36,9 @@ class StepInputs(NamedTuple):
 class InputStager:
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self._pinned: torch.Tensor | None = None  # int32 staging buffer (CUDA only), grown on demand
+        self._pinned: list[torch.Tensor | None] = [None, None]  # int32 staging buffers (CUDA only), grown on demand
+        self._copied: list[torch.cuda.Event | None] = [None, None]
+        self._turn = 0
 
     def stage(self, batch: StepBatch) -> StepInputs:
         w = batch.table_writes
@@ -53,9 +55,16 @@ class InputStager:
             return host
         if self.device.type != "cuda":
             return host.to(self.device)
-        n = host.numel()
-        if self._pinned is None or self._pinned.numel() < n:
-            self._pinned = torch.empty(max(n, 2 * (0 if self._pinned is None else self._pinned.numel()), 4096),
-                                       dtype=torch.int32, pin_memory=True)
-        self._pinned[:n].copy_(host)
-        return self._pinned[:n].to(self.device, non_blocking=True)
+        n, i = host.numel(), self._turn
+        self._turn ^= 1
+        if self._copied[i] is not None:
+            self._copied[i].synchronize()  # the copy out of this buffer, two steps ago, is done
+        buffer = self._pinned[i]
+        if buffer is None or buffer.numel() < n:
+            buffer = self._pinned[i] = torch.empty(max(n, 2 * (0 if buffer is None else buffer.numel()), 4096),
+                                                   dtype=torch.int32, pin_memory=True)
+        buffer[:n].copy_(host)
+        on_device = buffer[:n].to(self.device, non_blocking=True)
+        self._copied[i] = torch.cuda.Event()
+        self._copied[i].record()
+        return on_device

@@ -55,13 +55,13 @@ class SamplerOutput(NamedTuple):
     """
 
     token_ids: torch.Tensor
-    """[num_rows] int64 on CPU: the sampled tokens."""
+    """[num_rows] int64 (on CPU unless `sample(..., to_host=False)`): the sampled tokens."""
     logprobs: torch.Tensor | None
-    """[num_rows, 1 + max_k] float32 on CPU: col 0 the sampled token's, cols 1.. the top-k (descending)."""
+    """[num_rows, 1 + max_k] float32: col 0 the sampled token's, cols 1.. the top-k (descending)."""
     logprob_token_ids: torch.Tensor | None
-    """[num_rows, 1 + max_k] int64 on CPU: col 0 the sampled token, cols 1.. the top-k token ids."""
+    """[num_rows, 1 + max_k] int64: col 0 the sampled token, cols 1.. the top-k token ids."""
     ranks: torch.Tensor | None
-    """[num_rows] int64 on CPU: 1 + the number of tokens with a strictly larger raw logprob."""
+    """[num_rows] int64: 1 + the number of tokens with a strictly larger raw logprob."""
 
 
 class Knobs(NamedTuple):
@@ -149,7 +149,8 @@ class Sampler:
             processors=processors,
         )
 
-    def sample(self, logits: torch.Tensor, batch: PreparedBatch) -> SamplerOutput:
+    def sample(self, logits: torch.Tensor, batch: PreparedBatch, to_host: bool = True) -> SamplerOutput:
+        """Tokens of the rows; `to_host=False` leaves the output tensors on the logits' device."""
         if logits.dim() != 2 or logits.shape[0] != batch.num_rows:
             raise ValueError(
                 f"logits must be [num_rows, vocab] with num_rows == len(rows) == {batch.num_rows}, "
@@ -160,7 +161,8 @@ class Sampler:
             tokens = raw.argmax(dim=-1)  # [num_rows]
         else:
             tokens = self._sample(raw, batch)
-        return _make_output(raw, tokens, batch.max_logprobs)
+        out = _make_output(raw, tokens, batch.max_logprobs)
+        return SamplerOutput(*(None if t is None else t.cpu() for t in out)) if to_host else out
 
     def _sample(self, raw: torch.Tensor, batch: PreparedBatch) -> torch.Tensor:
         knobs = Knobs(*batch.knob_table.to(raw.device, non_blocking=True).unbind(1))  # each [num_rows]
@@ -247,7 +249,7 @@ class Sampler:
 
 def _make_output(raw: torch.Tensor, tokens: torch.Tensor, max_logprobs: int | None) -> SamplerOutput:
     if max_logprobs is None:
-        return SamplerOutput(tokens.cpu(), None, None, None)
+        return SamplerOutput(tokens, None, None, None)
     raw_logprobs = raw.log_softmax(dim=-1)  # [num_rows, vocab]
     sampled = tokens.unsqueeze(1)  # [num_rows, 1]
     sampled_logprobs = raw_logprobs.gather(1, sampled)  # [num_rows, 1]
@@ -256,7 +258,7 @@ def _make_output(raw: torch.Tensor, tokens: torch.Tensor, max_logprobs: int | No
     top_logprobs, top_ids = raw_logprobs.topk(k, dim=-1)  # [num_rows, k], descending
     logprobs = torch.cat([sampled_logprobs, top_logprobs], dim=1)  # [num_rows, 1 + k]
     token_ids = torch.cat([sampled, top_ids], dim=1)  # [num_rows, 1 + k]
-    return SamplerOutput(tokens.cpu(), logprobs.cpu(), token_ids.cpu(), ranks.cpu())
+    return SamplerOutput(tokens, logprobs, token_ids, ranks)
 
 
 # ---------------------------------------------------------------------------------------------

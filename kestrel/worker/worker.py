@@ -82,6 +82,8 @@ class Worker:
         self.sampler = Sampler(config.seed)
         self.inputs = InputStager(self.device)
         self._generators: dict[str, torch.Generator] = {}
+        self._previous_tokens = torch.zeros(1, dtype=torch.int64, device=self.device)
+        """[S] the last step's sampled tokens, on the device (placeholders of the next step point here)."""
         self.graphs: CudaGraphRunner | None = None
         if self.device.type == "cuda" and not config.enforce_eager:
             self.graphs = CudaGraphRunner(self.model, self.backend, self.kv_caches, self.slot_table.table,
@@ -90,28 +92,38 @@ class Worker:
         self.info = WorkerInfo(max_model_len, num_slots, str(self.dtype).removeprefix("torch."),
                                str(self.device), self.backend.name)
 
-    @torch.inference_mode()
     def execute(self, batch: StepBatch) -> StepResult:
+        return self.submit(batch).result()
+
+    @torch.inference_mode()
+    def submit(self, batch: StepBatch) -> PendingStep:
+        """Queue the step's device work; the tokens come with `.result()` (on a GPU, without waiting here)."""
         for request_id in batch.finished_request_ids:
             self._generators.pop(request_id, None)
         inputs = self.inputs.stage(batch)
         self.slot_table.write(inputs.write_rows, inputs.write_positions, inputs.write_slots)
         if not batch.num_tokens:
-            return StepResult([])
+            return PendingStep(None)
+        token_ids = inputs.token_ids  # [T]
+        if batch.uses_previous_tokens:  # placeholders -(1 + i): the previous step's i-th sampled token
+            previous = self._previous_tokens[(-token_ids - 1).clamp_(min=0)].to(torch.int32)
+            token_ids = torch.where(token_ids < 0, previous, token_ids)
         layout = BatchLayout(batch.query_lens, batch.seq_lens, inputs.query_start_loc, inputs.seq_lens,
                              inputs.req_rows, self.slot_table.table, inputs.slot_mapping)
         if self.graphs is not None and self.graphs.can_run(layout) and len(batch.sample_rows) == batch.num_reqs:
             # A decode step: every request samples its one token, in order.
-            logits = self.graphs.run(inputs.token_ids, inputs.positions, layout)  # [R, vocab]
+            logits = self.graphs.run(token_ids, inputs.positions, layout)  # [R, vocab]
         else:
             ctx = AttentionContext(self.backend, self.backend.prepare(layout), self.kv_caches)
-            hidden = self.model(inputs.token_ids, inputs.positions, ctx)  # [T, hidden]
+            hidden = self.model(token_ids, inputs.positions, ctx)  # [T, hidden]
             if not batch.sample_rows:
-                return StepResult([])
+                return PendingStep(None)
             logits = self.model.compute_logits(hidden[inputs.sample_indices])  # [S, vocab]
         # Host work for the sampler while the device runs the forward pass.
         prepared = self.sampler.prepare([self._sampling_row(row) for row in batch.sample_rows], self.device)
-        return _result(self.sampler.sample(logits, prepared))
+        out = self.sampler.sample(logits, prepared, to_host=False)
+        self._previous_tokens = out.token_ids
+        return PendingStep(out)
 
     @torch.inference_mode()
     def _profile_step(self, mc: ModelConfig, max_model_len: int) -> None:
@@ -150,8 +162,30 @@ class Worker:
                            row.blocked_token_ids, row.token_bitmask)
 
 
-def _result(out: SamplerOutput) -> StepResult:
-    if out.logprobs is None:
-        return StepResult(out.token_ids.tolist())
-    return StepResult(out.token_ids.tolist(), out.logprobs.tolist(), out.logprob_token_ids.tolist(),
-                      out.ranks.tolist())
+class PendingStep:
+    """A submitted step's sampled tokens: copied to the host without blocking, read by `result()`."""
+
+    def __init__(self, out: SamplerOutput | None) -> None:
+        self._out = out
+        self._event = None
+        if out is not None and out.token_ids.is_cuda:
+            self._out = SamplerOutput(*(None if t is None else _to_pinned(t) for t in out))
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def result(self) -> StepResult:
+        out = self._out
+        if out is None:
+            return StepResult([])
+        if self._event is not None:
+            self._event.synchronize()
+        if out.logprobs is None:
+            return StepResult(out.token_ids.tolist())
+        return StepResult(out.token_ids.tolist(), out.logprobs.tolist(), out.logprob_token_ids.tolist(),
+                          out.ranks.tolist())
+
+
+def _to_pinned(t: torch.Tensor) -> torch.Tensor:
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host

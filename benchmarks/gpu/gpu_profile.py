@@ -1,6 +1,6 @@
 """Where the time goes on the GPU: torch.profiler over decode steps (batch 1 and 64) and one prefill step.
 
-    python benchmarks/gpu/profile.py --model benchmarks/gpu/llama-3.1-8b [--device cuda]
+    python benchmarks/gpu/gpu_profile.py --model benchmarks/gpu/llama-3.1-8b [--device cuda]
 
 Builds the Llama-3.1-8B-shaped engine (dummy bf16 weights, CUDA graphs on), brings B requests to
 decode, then profiles N decode steps and prints the top kernels by device time, the device time per

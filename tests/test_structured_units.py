@@ -75,6 +75,12 @@ class FakeGrammar:
         self.released.append(request_id)
 
 
+def _step(sched: Scheduler, token_ids: list[int]):
+    out = sched.schedule()
+    sched.commit(out)
+    return out, sched.update(out, StepResult(token_ids))
+
+
 def _constrained(max_tokens: int = 8, regex: str = "x") -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, structured_outputs=StructuredOutputsParams(regex=regex))
 
@@ -83,12 +89,10 @@ def test_jump_forward_tokens_are_the_next_steps_chunk_and_count_against_max_toke
     grammar = FakeGrammar()
     sched = Scheduler(KVCacheManager(64, 4, 64), StopRules((2,), 64), 4, 64, grammar)
     sched.add(Request.new("a", [1, 1, 1], _constrained(max_tokens=4), 0))
-    out = sched.schedule()
-    [emitted] = sched.update(out, StepResult([5]))
+    _, [emitted] = _step(sched, [5])
     assert emitted.new_token_ids == [5, 7, 8] and emitted.finish_reason is None
-    out = sched.schedule()
+    out, [emitted] = _step(sched, [5])
     assert [n for _, n in out.scheduled] == [3]  # the forced tokens and the sampled one, computed together
-    [emitted] = sched.update(out, StepResult([5]))
     assert emitted.new_token_ids == [5] and emitted.finish_reason == "length"  # no room left to force
     assert grammar.added == ["a"] and grammar.released == ["a"]
     with pytest.raises(GrammarError):
@@ -100,7 +104,7 @@ def test_preemption_releases_grammar_state():
     sched = Scheduler(KVCacheManager(6, 2, 6), StopRules((2,), 6), 2, 64, grammar)
     sched.add(Request.new("a", [1, 1], _constrained(), 0))
     sched.add(Request.new("b", [1, 1], _constrained(), 1))
-    sched.update(sched.schedule(), StepResult([5, 3]))
+    _step(sched, [5, 3])
     out = sched.schedule()
     assert [r.request_id for r in out.preempted] == ["b"] and grammar.released == ["b"]
 

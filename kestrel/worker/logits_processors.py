@@ -33,28 +33,31 @@ class GrammarBitmask:
     """Sets the ids a row's grammar does not allow to -inf (rows without a bitmask are left alone).
 
     The engine packs each constrained row's allowed ids as int32 words (bit i % 32 of word i // 32 is
-    token i); here they are unpacked on the device with shifts, so no grammar library is needed.
+    token i, little-endian); `prepare` unpacks them on the host with numpy (one C loop), so no grammar
+    library is needed here.
     """
 
     def prepare(self, rows: Sequence[SamplingRow], device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
         constrained = [i for i, row in enumerate(rows) if row.token_bitmask is not None]
         if not constrained:
             return None
-        words = np.frombuffer(b"".join(rows[i].token_bitmask for i in constrained), dtype="<i4")
-        packed = torch.from_numpy(words.reshape(len(constrained), -1).copy())  # [C, num_words]
+        packed = np.frombuffer(b"".join(rows[i].token_bitmask for i in constrained), dtype=np.uint8)
+        bits = np.unpackbits(packed.reshape(len(constrained), -1), axis=1, bitorder="little")  # [C, words * 32]
+        allowed = torch.from_numpy(bits.view(np.bool_))  # [C, words * 32]
         index = torch.tensor(constrained, dtype=torch.int64)  # [C]
-        return index.to(device, non_blocking=True), packed.to(device, non_blocking=True)
+        return index.to(device, non_blocking=True), allowed.to(device, non_blocking=True)
 
     def apply_(self, logits: torch.Tensor, prepared: tuple[torch.Tensor, torch.Tensor], knobs: Knobs) -> None:
-        index, packed = prepared
+        index, allowed = prepared
         vocab = logits.shape[1]
-        shifts = torch.arange(32, dtype=torch.int32, device=logits.device)  # [32]
-        bits = (packed.unsqueeze(-1) >> shifts) & 1  # [C, num_words, 32]
-        allowed = bits.reshape(len(index), -1)[:, :vocab].bool()  # [C, <= vocab]
         if allowed.shape[1] < vocab:  # ids past the grammar's vocabulary are never allowed
             allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
+        blocked = ~allowed[:, :vocab]  # [C, vocab]
+        if len(index) == logits.shape[0]:  # every row is constrained (index is 0..C-1)
+            logits.masked_fill_(blocked, float("-inf"))
+            return
         rows = logits.index_select(0, index)  # [C, vocab]
-        rows.masked_fill_(~allowed, float("-inf"))
+        rows.masked_fill_(blocked, float("-inf"))
         logits.index_copy_(0, index, rows)
 
 

@@ -42,17 +42,17 @@ class GrammarBitmask:
         if not constrained:
             return None
         packed = np.frombuffer(b"".join(rows[i].token_bitmask for i in constrained), dtype=np.uint8)
-        bits = np.unpackbits(packed.reshape(len(constrained), -1), axis=1, bitorder="little")  # [C, words * 32]
-        allowed = torch.from_numpy(bits.view(np.bool_))  # [C, words * 32]
+        bits = np.unpackbits(~packed.reshape(len(constrained), -1), axis=1, bitorder="little")  # [C, words * 32]
+        blocked = torch.from_numpy(bits.view(np.bool_))  # [C, words * 32]: True = not allowed
         index = torch.tensor(constrained, dtype=torch.int64)  # [C]
-        return index.to(device, non_blocking=True), allowed.to(device, non_blocking=True)
+        return index.to(device, non_blocking=True), blocked.to(device, non_blocking=True)
 
     def apply_(self, logits: torch.Tensor, prepared: tuple[torch.Tensor, torch.Tensor], knobs: Knobs) -> None:
-        index, allowed = prepared
+        index, blocked = prepared
         vocab = logits.shape[1]
-        if allowed.shape[1] < vocab:  # ids past the grammar's vocabulary are never allowed
-            allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
-        blocked = ~allowed[:, :vocab]  # [C, vocab]
+        if blocked.shape[1] < vocab:  # ids past the grammar's vocabulary are never allowed
+            blocked = torch.nn.functional.pad(blocked, (0, vocab - blocked.shape[1]), value=True)
+        blocked = blocked[:, :vocab]  # [C, vocab]
         if len(index) == logits.shape[0]:  # every row is constrained (index is 0..C-1)
             logits.masked_fill_(blocked, float("-inf"))
             return

@@ -88,29 +88,28 @@ def test_regex_choice_and_ebnf(llm, sampled):
     choices = ("yes", "no", "maybe not")
     ebnf = 'root ::= "(" num ", " num ")"\nnum ::= [1-9] [0-9]?'
     constraints = [StructuredOutputsParams(regex=regex), StructuredOutputsParams(choice=choices),
-                   StructuredOutputsParams(grammar=ebnf), StructuredOutputsParams(json_object=True)]
-    params = [SamplingParams(temperature=0.9 if sampled else 0, seed=7, max_tokens=48, structured_outputs=c)
+                   StructuredOutputsParams(grammar=ebnf)]
+    params = [SamplingParams(temperature=0.9 if sampled else 0, seed=7, max_tokens=24, structured_outputs=c)
               for c in constraints]
-    prompts = ["Pick a day and a time.", "Is the sky green?", "Give me a pair of numbers.", "Describe a cat as JSON."]
+    prompts = ["Pick a day and a time.", "Is the sky green?", "Give me a pair of numbers."]
     outs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params, use_tqdm=False)
     texts = [o.outputs[0].text for o in outs]
     assert re.fullmatch(regex, texts[0]), texts[0]
     assert texts[1] in choices
     assert re.fullmatch(r"\([1-9][0-9]?, [1-9][0-9]?\)", texts[2]), texts[2]
-    if outs[3].outputs[0].finish_reason == "stop":
-        assert isinstance(json.loads(texts[3]), dict)
 
 
 def test_jump_forward_on_and_off_both_valid_and_on_takes_fewer_steps_than_tokens(llm):
     engine = llm.engine
-    schema = SCHEMAS[18]  # four required keys: long forced runs
+    schema = SCHEMAS[0]  # forced runs: '{"name": "' and '", "age": '
     prompt = llm.tokenizer.encode(llm.tokenizer.apply_chat_template(_conversation(schema), tokenize=False,
                                                                     add_generation_prompt=True))
     runs = {}
     for jump in (False, True):
         engine.structured.jump_forward = jump
         before = engine.structured.num_jump_forward_tokens
-        engine.add_request(f"jf-{jump}", prompt, _schema_params(schema, False))
+        engine.add_request(f"jf-{jump}", prompt, SamplingParams(temperature=0, max_tokens=40,
+                                                                structured_outputs=StructuredOutputsParams(json=schema)))
         tokens, steps = [], 0
         while engine.has_unfinished_requests():
             for out in engine.step():

@@ -68,6 +68,9 @@ class FakeGrammar:
     def can_end(self, request):
         return False
 
+    def is_terminated(self, request):
+        return request.output_token_ids[-1:] == [2]
+
     def advance(self, request, token_id, max_new_tokens):
         return [7, 8][:max_new_tokens] if token_id == 5 else []
 
@@ -97,6 +100,14 @@ def test_jump_forward_tokens_are_the_next_steps_chunk_and_count_against_max_toke
     assert grammar.added == ["a"] and grammar.released == ["a"]
     with pytest.raises(GrammarError):
         sched.add(Request.new("b", [1], _constrained(regex="bad"), 1))
+
+
+def test_a_grammar_that_ended_stops_the_request_even_with_ignore_eos():
+    sched = Scheduler(KVCacheManager(64, 2, 64), StopRules((2,), 64), 2, 64, FakeGrammar())
+    params = SamplingParams(max_tokens=8, ignore_eos=True, structured_outputs=StructuredOutputsParams(regex="x"))
+    sched.add(Request.new("a", [1], params, 0))
+    _, [emitted] = _step(sched, [2])
+    assert emitted.finish_reason == "stop" and not sched.has_unfinished
 
 
 def test_preemption_releases_grammar_state():

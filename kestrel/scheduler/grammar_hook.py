@@ -27,6 +27,10 @@ class GrammarHook(Protocol):
         """The constraint is complete: the request may (and must) stop now."""
         ...
 
+    def is_terminated(self, request: Request) -> bool:
+        """The constraint accepted its end (an EOS token): nothing may follow, even with ignore_eos."""
+        ...
+
     def advance(self, request: Request, token_id: int, max_new_tokens: int) -> list[int]:
         """Accept the appended `token_id`; return at most `max_new_tokens` jump-forward tokens to append."""
         ...

@@ -175,6 +175,8 @@ class Scheduler:
         """Advance the request's grammar; append the tokens it forces (computed next step as a chunk)."""
         room = self.stop_rules.num_tokens_left(req.params, req.num_output_tokens, req.num_tokens)
         forced = self.grammar.advance(req, token_id, room)
+        if self.grammar.is_terminated(req):
+            return Stop(FinishReason.STOP, None)  # the grammar ended (EOS under ignore_eos): nothing may follow
         if not forced:
             return None
         req.token_ids.extend(forced)

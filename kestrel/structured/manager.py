@@ -100,6 +100,10 @@ class StructuredOutputManager:
         matcher = self._matchers.get(request.request_id)
         return matcher is not None and matcher.is_completed()
 
+    def is_terminated(self, request: Request) -> bool:
+        matcher = self._matchers.get(request.request_id)
+        return matcher is not None and matcher.is_terminated()
+
     def advance(self, request: Request, token_id: int, max_new_tokens: int) -> list[int]:
         """Accept the sampled `token_id` (already appended); return up to `max_new_tokens` forced tokens."""
         if request.params.structured_outputs is None:

@@ -33,16 +33,18 @@ _ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    server = _start_server(str(tmp_path_factory.mktemp("serve_structured")), "--kv-cache-memory-gb", "0.25",
-                           "--max-num-seqs", "16", "--disable-uvicorn-access-log")
-    yield server
-    _stop(server.proc)
+def served(tmp_path_factory):
+    """(server, openai client): one `kestrel serve` for the module."""
+    srv = _start_server(str(tmp_path_factory.mktemp("serve_structured")), "--kv-cache-memory-gb", "0.25",
+                        "--max-num-seqs", "16", "--disable-uvicorn-access-log")
+    try:
+        yield srv, openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+    finally:
+        _stop(srv.proc)
 
 
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+server = pytest.fixture(scope="module", name="server")(lambda served: served[0])
+client = pytest.fixture(scope="module", name="client")(lambda served: served[1])
 
 
 def test_response_format_json_schema_and_json_object(client):

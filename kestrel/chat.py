@@ -130,19 +130,21 @@ class ChatSession:
 
     def _fit_prompt(self) -> list[int]:
         """Token ids of the conversation, dropping the oldest turns until one token can follow."""
+        from kestrel.frontend.chat_history import fit_conversation
         from kestrel.frontend.tokenizer import apply_chat_template
 
-        while True:
-            system = [{"role": "system", "content": self.system}] if self.system else []
-            ids = apply_chat_template(self.tokenizer, system + self.history, add_generation_prompt=True)
-            if len(ids) < self.engine.max_model_len or len(self.history) <= 1:
-                break
-            self.history = self.history[2:] if len(self.history) > 2 else self.history[-1:]
+        ids, num_dropped = fit_conversation(
+            self.history, lambda messages: apply_chat_template(self.tokenizer, self._system() + messages, True),
+            lambda prompt_len: prompt_len < self.engine.max_model_len)
+        self.history = self.history[num_dropped:]
         if len(ids) >= self.engine.max_model_len:
             self.history.pop()
             raise ValueError(f"the message is {len(ids)} tokens long; the context holds "
                              f"{self.engine.max_model_len}")
         return ids
+
+    def _system(self) -> list[dict]:
+        return [{"role": "system", "content": self.system}] if self.system else []
 
 
 def _print_now(text: str) -> None:

@@ -16,6 +16,7 @@ LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 DEVICES = ("auto", "cpu", "cuda")
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 EXECUTOR_BACKENDS = ("uni", "mp")
+SCHEDULE_POLICIES = ("fcfs", "lpm")
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +158,10 @@ class EngineConfig:
     """Structured outputs: append the tokens a grammar forces in one step instead of one forward pass each."""
     grammar_cache_size: int = 128
     """Structured outputs: compiled grammars kept (LRU, keyed by the schema / regex / grammar text)."""
+    enable_prefix_caching: bool = True
+    """Keep computed KV in a radix tree of token prefixes and reuse it for requests that share a prefix."""
+    schedule_policy: str = "fcfs"
+    """Order of waiting requests: fcfs (arrival), or lpm (longest cached prefix first when the queue is long)."""
     show_progress: bool = True
 
     def __post_init__(self) -> None:
@@ -170,6 +175,9 @@ class EngineConfig:
         if self.distributed_executor_backend not in EXECUTOR_BACKENDS:
             raise ValueError(f"distributed_executor_backend must be one of {', '.join(EXECUTOR_BACKENDS)}, "
                              f"got {self.distributed_executor_backend!r}.")
+        if self.schedule_policy not in SCHEDULE_POLICIES:
+            raise ValueError(f"schedule_policy must be one of {', '.join(SCHEDULE_POLICIES)}, "
+                             f"got {self.schedule_policy!r}.")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}.")
         if self.max_num_batched_tokens < 1:

@@ -20,6 +20,8 @@ from collections.abc import Callable
 
 from kestrel.config import EngineConfig, ModelConfig
 from kestrel.kvcache.manager import KVCacheManager
+from kestrel.kvcache.prefix_cache import NoPrefixCache
+from kestrel.kvcache.radix_cache import RadixCache
 from kestrel.limits import PromptLimits
 from kestrel.model_files import resolve_model_path
 from kestrel.models.loader import load_model_config
@@ -45,12 +47,13 @@ class Engine:
         self.dtype = info.dtype
         self.limits = PromptLimits(self.max_model_len, self.model_config.vocab_size)
         self.stop_rules = StopRules(self.model_config.eos_token_ids, self.max_model_len)
-        self.kv_manager = KVCacheManager(info.num_kv_slots, config.max_num_seqs, self.max_model_len)
         self.structured = StructuredOutputManager(
             tokenizer or _no_tokenizer, self.model_config.vocab_size,
             self.model_config.eos_token_ids, config.jump_forward, config.grammar_cache_size)
+        self.kv_manager = KVCacheManager(info.num_kv_slots, config.max_num_seqs, self.max_model_len,
+                                         RadixCache if config.enable_prefix_caching else NoPrefixCache)
         self.scheduler = Scheduler(self.kv_manager, self.stop_rules, config.max_num_seqs,
-                                   config.max_num_batched_tokens, self.structured)
+                                   config.max_num_batched_tokens, config.schedule_policy, self.structured)
         self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
                                  else info.device.startswith("cuda"))
         self._inflight: tuple[SchedulerOutput, PendingResult] | None = None
@@ -103,6 +106,10 @@ class Engine:
         sched, pending = self._inflight
         self._inflight = None
         return self.scheduler.update(sched, pending.result())
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix (vLLM's name); False, doing nothing, while requests run."""
+        return not self.has_unfinished_requests() and self.kv_manager.reset_prefix_cache()
 
     def check_integrity(self) -> None:
         """Assert KV bookkeeping is consistent (free + cached + in use == total)."""

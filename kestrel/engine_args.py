@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from kestrel.config import ATTENTION_BACKENDS, DTYPES, EXECUTOR_BACKENDS, LOAD_FORMATS, EngineConfig
+from kestrel.config import ATTENTION_BACKENDS, DTYPES, EXECUTOR_BACKENDS, LOAD_FORMATS, SCHEDULE_POLICIES, EngineConfig
 
 
 def add_engine_args(parser: argparse.ArgumentParser, with_model: bool = True) -> None:
@@ -38,6 +38,14 @@ def add_engine_args(parser: argparse.ArgumentParser, with_model: bool = True) ->
     parser.add_argument("--grammar-cache-size", type=int, default=128, help="compiled grammars kept (LRU)")
     parser.add_argument("--no-prepack-weights", dest="prepack_weights", action="store_false",
                         help="CPU: keep torch's default F.linear instead of oneDNN-packed weights")
+    parser.add_argument("--disable-radix-cache", "--no-enable-prefix-caching", dest="enable_prefix_caching",
+                        action="store_false",
+                        help="compute every prompt in full instead of reusing the KV of cached prefixes")
+    parser.add_argument("--enable-prefix-caching", dest="enable_prefix_caching", action="store_true",
+                        help=argparse.SUPPRESS)
+    parser.add_argument("--schedule-policy", default="fcfs", choices=SCHEDULE_POLICIES,
+                        help="waiting requests in arrival order (fcfs), or longest cached prefix first when "
+                             "the queue is long (lpm)")
 
 
 def engine_config_from_args(args: argparse.Namespace, **overrides) -> EngineConfig:
@@ -52,6 +60,8 @@ def engine_config_from_args(args: argparse.Namespace, **overrides) -> EngineConf
         async_scheduling=args.async_scheduling,
         attention_backend=args.attention_backend, distributed_executor_backend=args.distributed_executor_backend,
         jump_forward=args.jump_forward, grammar_cache_size=args.grammar_cache_size,
+        enable_prefix_caching=getattr(args, "enable_prefix_caching", True),
+        schedule_policy=getattr(args, "schedule_policy", "fcfs"),
     )
     values.update(overrides)
     return EngineConfig(**values)

@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 PromptType = Union[str, dict]
 _VLLM_ONLY_ARGS = {"gpu_memory_utilization", "enforce_eager", "trust_remote_code", "swap_space",
-                   "disable_log_stats", "enable_prefix_caching", "quantization", "revision"}
+                   "disable_log_stats", "quantization", "revision"}
 
 
 @dataclass(slots=True)
@@ -65,6 +65,10 @@ class LLM:
 
     def get_tokenizer(self):
         return self.tokenizer
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prompt prefix (as vLLM's `LLM.reset_prefix_cache`)."""
+        return self.engine.reset_prefix_cache()
 
     # ---- public API ----------------------------------------------------------
     def generate(self, prompts: PromptType | Sequence[PromptType],
@@ -133,6 +137,8 @@ class LLM:
             return False
         p = pending[eo.request_id]
         comp = p.completion
+        cached = p.output.num_cached_tokens
+        p.output.num_cached_tokens = eo.num_cached_tokens if cached is None else min(cached, eo.num_cached_tokens)
         if self._outputs.needs_abort(eo, delta):
             self.engine.abort_request(eo.request_id)
         comp.token_ids.extend(delta.token_ids)

@@ -86,7 +86,7 @@ class EngineReady(_Message):
 
 
 class EngineStats(_Message):
-    """Reply to `GetEngineStats`: KV occupancy and the last integrity check."""
+    """Reply to `GetEngineStats`: KV occupancy, prefix-cache hits and the last integrity check."""
 
     nonce: int
     num_free_slots: int
@@ -95,6 +95,17 @@ class EngineStats(_Message):
     integrity_ok: bool
     """The last `check_integrity()` (run whenever the engine goes idle) passed."""
     integrity_error: str | None = None
+    num_cached_slots: int = 0
+    """Slots the prefix cache holds (locked by running requests or not)."""
+    num_prefix_queried_tokens: int = 0
+    """Tokens of every admitted request, looked up in the prefix cache."""
+    num_prefix_hit_tokens: int = 0
+    """Of those, tokens whose KV came from the cache."""
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        q = self.num_prefix_queried_tokens
+        return self.num_prefix_hit_tokens / q if q else 0.0
 
 
 # ---- detokenizer -> API server ---------------------------------------------------------
@@ -131,6 +142,8 @@ class TextDelta(_Message, tag=False):
     """None while running; "stop" or "length" when this is the request's last delta."""
     stop_reason: str | int | None = None
     """The stop string or stop token id that ended the request (None for EOS and length)."""
+    num_cached_tokens: int = 0
+    """Prompt tokens whose KV came from the prefix cache (the same in every delta of a request)."""
 
 
 class TextBatch(_Message):

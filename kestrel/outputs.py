@@ -27,6 +27,8 @@ class EngineOutput:
     finish_reason: str | None
     """None while running; "stop", "length" or "abort" once finished."""
     stop_token_id: int | None = None
+    num_cached_tokens: int = 0
+    """Prompt tokens whose KV came from the prefix cache (the same in every output of a request)."""
 
 
 @dataclass(slots=True)
@@ -52,6 +54,8 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
+    num_cached_tokens: int | None = None
+    """Prompt tokens whose KV came from the prefix cache (the fewest over the n completions)."""
 
 
 def logprob_record(logprobs: list[float], token_ids: list[int], rank: int, num_top: int) -> TokenLogprobs:

@@ -5,9 +5,10 @@ The one invariant the scheduler builds on: a request has `num_tokens`
 the cache, or is being computed by a step already submitted). Each step the
 scheduler lets `num_computed_tokens` catch up by some amount; when it reaches
 `num_tokens` the model's output at the last position is sampled and appended,
-and `num_tokens` grows by one. Prefill, chunked prefill, decode and recompute
-after preemption are all this one rule. With async scheduling a sampled token
-may still be in flight (`num_inflight_tokens`, 0 or 1): the next step is built
+and `num_tokens` grows by one. Prefill, chunked prefill, decode, prefix-cache
+hits (admission starts `num_computed_tokens` at the hit) and recompute after
+preemption are all this one rule. With async scheduling a sampled token may
+still be in flight (`num_inflight_tokens`, 0 or 1): the next step is built
 before it is known, and computes it from the device's copy. No torch here.
 """
 
@@ -53,6 +54,8 @@ class Request:
     """Tokens sampled by a submitted step whose result is not applied yet (0 or 1)."""
     inflight_sample_index: int = -1
     """Row of that step's sampled tokens holding the in-flight token (when num_inflight_tokens == 1)."""
+    num_cached_tokens: int | None = None
+    """Prompt tokens whose KV came from the prefix cache when the request was first admitted."""
     logprobs: list = field(default_factory=list)
     """Per generated token: the sampler's logprob record (only when params.logprobs is set)."""
 

@@ -28,7 +28,7 @@ def _run(engine: Engine, prompts: dict[str, list[int]], params: dict[str, Sampli
         if abort_after is not None and steps == abort_after[1]:
             engine.abort_request(abort_after[0])
         engine.check_integrity()
-    assert engine.kv_manager.num_free_slots == engine.kv_manager.num_slots
+    assert engine.kv_manager.num_available_slots == engine.kv_manager.num_slots  # free or cached and unlocked
     return got
 
 

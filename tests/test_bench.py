@@ -63,6 +63,41 @@ def test_bench_latency_times_startup_prefill_and_decode(tiny_llama_dir, tmp_path
     assert 0 < r["decode_step_ms_median"] and r["decode_step_ms_mean"] * 4 < r["e2e_latency_s"] * 1e3
 
 
+def _offline(tiny_llama_dir, tmp_path, *args: str) -> dict:
+    out = tmp_path / "offline.json"
+    threads = torch.get_num_threads()
+    try:
+        rc = main(["bench", "offline", tiny_llama_dir, "--load-format", "dummy", "--num-warmup-tokens", "2",
+                   "--num-kv-slots", "4096", "--temperature", "0", "--output-json", str(out), *args])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_bench_offline_shared_prefix(tiny_llama_dir, tmp_path, capsys, cache):
+    r = _offline(tiny_llama_dir, tmp_path, "--dataset", "shared-prefix", "--num-groups", "2", "--prompts-per-group",
+                 "3", "--prefix-len", "40", "--input-len", "5", "--output-len", "4", "--max-num-seqs", "4",
+                 *([] if cache else ["--disable-radix-cache"]))
+    assert r["dataset"] == "shared-prefix" and r["workload"]["prefix_len"] == 40
+    assert (r["num_prompts"], r["input_len"], r["num_output_tokens"]) == (6, 45, 24)
+    assert r["prefix_caching"] is cache
+    # per group: the first request computes the prefix, the other two find it (the run starts cold)
+    assert r["prefix_cache_hit_rate"] == (pytest.approx(2 * 2 * 40 / (6 * 45)) if cache else 0)
+    assert "Prefix cache:" in capsys.readouterr().out
+
+
+def test_bench_offline_multi_turn(tiny_llama_dir, tmp_path, capsys):
+    r = _offline(tiny_llama_dir, tmp_path, "--dataset", "multi-turn", "--num-prompts", "2", "--num-turns", "3",
+                 "--input-len", "10", "--output-len", "4", "--max-num-seqs", "2")
+    assert r["num_output_tokens"] == 2 * 3 * 4 and len(r["mean_ttft_by_turn_ms"]) == 3
+    # turn t's prompt is 10 + t * 14 tokens; all but the newest 10 (and the last answer token) are cached
+    queried = 2 * sum(10 + t * 14 for t in range(3))
+    assert r["prefix_cache_hit_rate"] == pytest.approx(2 * sum(t * 14 - 1 for t in range(1, 3)) / queried)
+    assert "TTFT last turn / first turn:" in capsys.readouterr().out
+
+
 def test_bench_offline_rejects_bad_sizes(tiny_llama_dir, capsys):
     rc = main(["bench", "offline", tiny_llama_dir, "--load-format", "dummy", "--num-prompts", "0"])
     assert rc == 2
@@ -139,7 +174,8 @@ class FakeOpenAIServer:
             self._event(writer, {"choices": [choice]})
             await writer.drain()
         if self.send_usage:
-            self._event(writer, {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": body["max_tokens"]}})
+            self._event(writer, {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": body["max_tokens"],
+                                                          "prompt_tokens_details": {"cached_tokens": 3}}})
         writer.write(b"data: [DONE]\n\n")
         await writer.drain()
 
@@ -168,6 +204,7 @@ def test_bench_serve_measures_known_delays_and_failures(tmp_path, capsys, endpoi
     assert (r["completed"], r["failed"]) == (6, 2)
     assert r["total_output_tokens"] == 6 * 5
     assert r["total_input_tokens"] == (6 * 7 if send_usage else 0)
+    assert r["total_cached_tokens"] == (6 * 3 if send_usage else 0)
     assert "HTTP 500" in next(e for e in r["errors"] if e)
     assert r["mean_ttft_ms"] == pytest.approx(TTFT_S * 1e3, rel=0.5)
     assert r["median_itl_ms"] == pytest.approx(ITL_S * 1e3, rel=0.5)
@@ -216,6 +253,32 @@ def test_random_prompts_have_the_requested_token_length():
     assert [p.prompt_len for p in prompts] == [10, 10, 10]
     assert all(len(p.text) == 10 and p.output_len == 4 for p in prompts)
     assert prompts == serve.random_prompts(CharTokenizer(), 3, 10, 4, seed=0)
+
+
+def test_shared_prefix_prompts_share_a_system_prompt_per_group():
+    from kestrel.bench.workloads import SharedPrefix
+
+    class CharTokenizer:  # one token per character; ids 0 and 1 are special
+        all_special_ids = (0, 1)
+
+        def __len__(self):
+            return 30
+
+        def decode(self, ids):
+            return "".join(chr(ord("a") + i - 2) for i in ids)
+
+        def encode(self, text, add_special_tokens=False):
+            return [ord(c) - ord("a") + 2 for c in text]
+
+    w = SharedPrefix(num_groups=3, prompts_per_group=4, prefix_len=20, question_len=5)
+    prompts = serve.shared_prefix_prompts(CharTokenizer(), w, 7, seed=0)
+    assert len(prompts) == 12 and len({p.system for p in prompts}) == 3
+    assert all(len(p.system) == 20 and len(p.text) == 5 and p.prompt_len == 25 and p.output_len == 7 for p in prompts)
+    assert [p.system for p in prompts[:4]] != [prompts[0].system] * 4  # shuffled: the groups interleave
+    chat = serve.request_body(serve.ServeSpec("http://x", endpoint="/v1/chat/completions"), "m", prompts[0])
+    assert [m["role"] for m in chat["messages"]] == ["system", "user"]
+    completion = serve.request_body(serve.ServeSpec("http://x"), "m", prompts[0])
+    assert completion["prompt"] == prompts[0].system + prompts[0].text
 
 
 def test_wait_for_idle_cpu_returns_a_busy_fraction():

@@ -50,7 +50,7 @@ def test_reply_streams_and_keeps_history(session_parts):
     session.clear()
     assert session.history == []
     engine = session_parts[0]
-    assert not engine.has_unfinished_requests() and engine.kv_manager.num_free_slots == engine.kv_manager.num_slots
+    assert not engine.has_unfinished_requests() and engine.kv_manager.num_available_slots == engine.kv_manager.num_slots
 
 
 def test_repl_commands(session_parts):
@@ -80,7 +80,7 @@ def test_long_history_drops_oldest_turns(session_parts):
         session.reply("hello there, how are you today?", lambda _text: None)
     engine = session_parts[0]
     assert 2 <= len(session.history) < 12  # oldest turns were dropped to fit 96 tokens
-    assert engine.kv_manager.num_free_slots == engine.kv_manager.num_slots
+    assert engine.kv_manager.num_available_slots == engine.kv_manager.num_slots
 
 
 def test_chat_command_is_registered():

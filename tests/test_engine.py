@@ -56,7 +56,7 @@ def test_small_pool_preempts_and_gives_identical_outputs(tiny_llama_dir):
     tight = _run(tight_engine, prompts, params)
     assert tight_engine.scheduler.num_preemptions > 0
     assert tight == roomy
-    assert tight_engine.kv_manager.num_free_slots == 120
+    assert tight_engine.kv_manager.num_available_slots == 120
 
 
 def test_seed_reproducible_across_batch_compositions(tiny_llama_dir):
@@ -115,11 +115,11 @@ def test_abort_frees_slots(tiny_llama_dir):
         engine.add_request(rid, ids, params)
     for _ in range(3):
         engine.step()
-    assert engine.kv_manager.num_free_slots < 500
+    assert engine.kv_manager.num_available_slots < 500
     for rid in list(_prompts(4, seed=5)):
         engine.abort_request(rid)
     engine.check_integrity()
-    assert engine.kv_manager.num_free_slots == 500 and not engine.has_unfinished_requests()
+    assert engine.kv_manager.num_available_slots == 500 and not engine.has_unfinished_requests()
 
 
 def test_prepacked_weights_give_the_same_greedy_tokens(tiny_llama_dir):

@@ -49,7 +49,7 @@ def _simulate(seed: int, num_slots: int, budget: int, max_seqs: int, num_reqs: i
             sched.abort(rng.choice(sched.running).request_id)
         kv.check_integrity()
     assert not pending and not sched.has_unfinished, "workload did not drain (livelock?)"
-    assert kv.num_free_slots == num_slots
+    assert kv.num_available_slots == num_slots
     assert all(r.is_finished for r in reqs)
     return sched
 

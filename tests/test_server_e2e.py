@@ -153,7 +153,8 @@ def _wait_engine_idle(server: Server, timeout: float = 60.0) -> dict:
     while True:
         state = _engine_state(server)
         e = state["engine"]
-        if e["num_free_slots"] == e["num_slots"] and e["num_unfinished_requests"] == 0 or time.monotonic() > deadline:
+        is_idle = e["num_free_slots"] + e["num_cached_slots"] == e["num_slots"] and e["num_unfinished_requests"] == 0
+        if is_idle or time.monotonic() > deadline:
             return state
         time.sleep(0.2)
 
@@ -198,8 +199,53 @@ def test_chat_stream_equals_non_stream(client):
     assert text == full.choices[0].message.content
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert finishes == [full.choices[0].finish_reason]
-    assert chunks[-1].choices == [] and chunks[-1].usage == full.usage
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and (usage.prompt_tokens, usage.completion_tokens) == (
+        full.usage.prompt_tokens, full.usage.completion_tokens)
+    assert usage.prompt_tokens_details.cached_tokens == usage.prompt_tokens - 1  # the same prompt again
     assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_cached_tokens_reach_the_usage(server, client):
+    """A prompt sharing a long prefix with an earlier one reports the shared tokens as cached, streamed or not."""
+    system = "You are a meticulous assistant. Answer every question in a single short sentence. " * 3
+    chat = [{"role": "system", "content": system}, {"role": "user", "content": "Name a fruit."}]
+    first = client.chat.completions.create(model=MODEL, messages=chat, max_tokens=4, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens < 40 <= first.usage.prompt_tokens
+    other = [chat[0], {"role": "user", "content": "Name a tree."}]
+    second = client.chat.completions.create(model=MODEL, messages=other, max_tokens=4, temperature=0)
+    assert 40 <= second.usage.prompt_tokens_details.cached_tokens < second.usage.prompt_tokens
+    prompt = system + "Name a bird."
+    plain = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0)
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == plain.usage.prompt_tokens - 1
+    native = httpx.post(server.url + "/generate", json={"text": prompt, "sampling_params": {"max_new_tokens": 2}},
+                        timeout=300).json()
+    assert native["meta_info"]["cached_tokens"] == native["meta_info"]["prompt_tokens"] - 1
+    stats = _engine_state(server)["engine"]
+    assert stats["num_prefix_hit_tokens"] > 0 and 0 < stats["prefix_cache_hit_rate"] < 1
+
+
+def test_long_conversation_is_a_400_or_loses_its_oldest_turns(client, tokenizer):
+    from kestrel.frontend.tokenizer import apply_chat_template
+
+    turns = [{"role": "system", "content": "You are brief."}]
+    for i in range(12):  # ~ 2,400 tokens in all: more than the 2,048 of the context
+        turns += [{"role": "user", "content": f"Question {i}: " + "tell me more " * 60},
+                  {"role": "assistant", "content": "Sure. " * 40}]
+    turns.append({"role": "user", "content": "And finally?"})
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=turns, max_tokens=8)
+    message = info.value.body["message"]
+    prompt_len = len(apply_chat_template(tokenizer, turns))
+    assert prompt_len > _MAX_MODEL_LEN and str(_MAX_MODEL_LEN) in message and str(prompt_len) in message
+    raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=turns, max_tokens=8, temperature=0,
+                                                           extra_body={"truncate_chat_history": True})
+    dropped = int(raw.headers["x-kestrel-dropped-messages"])
+    out = raw.parse()
+    assert dropped % 2 == 0 and 2 <= dropped < len(turns) - 2
+    assert out.usage.prompt_tokens + 8 <= _MAX_MODEL_LEN and out.choices[0].finish_reason in ("stop", "length")
 
 
 def test_completion_prompt_forms(client, tokenizer):
@@ -403,7 +449,7 @@ def test_client_disconnect_aborts_request(server, stream):
             httpx.post(server.url + "/v1/completions", json=body, timeout=3)
     state = _wait_engine_idle(server)
     e = state["engine"]
-    assert e["num_free_slots"] == e["num_slots"] and e["num_unfinished_requests"] == 0
+    assert e["num_free_slots"] + e["num_cached_slots"] == e["num_slots"] and e["num_unfinished_requests"] == 0
     assert e["integrity_ok"], e["integrity_error"]
     assert state["api"]["num_in_flight_requests"] == 0
 

@@ -103,7 +103,7 @@ def test_abort_frees_slots_and_stats_report_integrity(harness):
     harness.loop.run_once()
     stats = [m for m in harness.drain() if isinstance(m, EngineStats)]
     assert len(stats) == 1 and stats[0].nonce == 7
-    assert stats[0].num_free_slots == stats[0].num_slots == 512
+    assert stats[0].num_free_slots + stats[0].num_cached_slots == stats[0].num_slots == 512
     assert stats[0].integrity_ok and stats[0].num_unfinished_requests == 0
 
 
@@ -124,7 +124,7 @@ def test_a_failing_step_fails_its_requests_but_not_the_loop(harness, monkeypatch
     harness.send(AddRequest("c", [5, 6], _greedy(3)))
     assert len(_outputs(harness.run_until_idle())["c"]) == 3
     harness.loop.engine.check_integrity()
-    assert harness.loop.engine.kv_manager.num_free_slots == 512
+    assert harness.loop.engine.kv_manager.num_available_slots == 512
 
 
 # ---- detokenizer stage -----------------------------------------------------------------

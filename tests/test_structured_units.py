@@ -90,7 +90,7 @@ def _constrained(max_tokens: int = 8, regex: str = "x") -> SamplingParams:
 
 def test_jump_forward_tokens_are_the_next_steps_chunk_and_count_against_max_tokens():
     grammar = FakeGrammar()
-    sched = Scheduler(KVCacheManager(64, 4, 64), StopRules((2,), 64), 4, 64, grammar)
+    sched = Scheduler(KVCacheManager(64, 4, 64), StopRules((2,), 64), 4, 64, grammar=grammar)
     sched.add(Request.new("a", [1, 1, 1], _constrained(max_tokens=4), 0))
     _, [emitted] = _step(sched, [5])
     assert emitted.new_token_ids == [5, 7, 8] and emitted.finish_reason is None
@@ -103,7 +103,7 @@ def test_jump_forward_tokens_are_the_next_steps_chunk_and_count_against_max_toke
 
 
 def test_a_grammar_that_ended_stops_the_request_even_with_ignore_eos():
-    sched = Scheduler(KVCacheManager(64, 2, 64), StopRules((2,), 64), 2, 64, FakeGrammar())
+    sched = Scheduler(KVCacheManager(64, 2, 64), StopRules((2,), 64), 2, 64, grammar=FakeGrammar())
     params = SamplingParams(max_tokens=8, ignore_eos=True, structured_outputs=StructuredOutputsParams(regex="x"))
     sched.add(Request.new("a", [1], params, 0))
     _, [emitted] = _step(sched, [2])
@@ -112,7 +112,7 @@ def test_a_grammar_that_ended_stops_the_request_even_with_ignore_eos():
 
 def test_preemption_releases_grammar_state():
     grammar = FakeGrammar()
-    sched = Scheduler(KVCacheManager(6, 2, 6), StopRules((2,), 6), 2, 64, grammar)
+    sched = Scheduler(KVCacheManager(6, 2, 6), StopRules((2,), 6), 2, 64, grammar=grammar)
     sched.add(Request.new("a", [1, 1], _constrained(), 0))
     sched.add(Request.new("b", [1, 1], _constrained(), 1))
     _step(sched, [5, 3])

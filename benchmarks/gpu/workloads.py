@@ -18,6 +18,7 @@ import time
 import torch
 
 from kestrel.bench.offline import OfflineSpec, random_prompts, run_offline
+from kestrel.bench.workloads import MultiTurn, SharedPrefix
 from kestrel.config import EngineConfig
 from kestrel.engine import Engine
 from kestrel.sampling_params import SamplingParams
@@ -42,6 +43,9 @@ def main() -> int:
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--prefix-cache-workloads", action="store_true",
+                        help="also issue 9's GPU workloads: shared prefix (G32 R16 P2048 Q128 O128) with the "
+                             "cache on and off (a second engine), and a 10-turn chat")
     args = parser.parse_args()
     config = EngineConfig(model=args.model, load_format="dummy", dtype="bfloat16", device=args.device,
                           max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
@@ -57,7 +61,8 @@ def main() -> int:
     startup_s = time.perf_counter() - t0
     rows = [("startup_to_first_token_s", startup_s, f"engine init {init_s:.1f} s")]
     results: dict = {"startup_to_first_token_s": startup_s, "engine_init_s": init_s,
-                     "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none", "num_kv_slots": engine.executor.info.num_kv_slots}
+                     "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
+                     "num_kv_slots": engine.executor.info.num_kv_slots}
     for name, (n, inp, outp, figure) in WORKLOADS.items():
         if args.only and name not in args.only:
             continue
@@ -73,6 +78,8 @@ def main() -> int:
         rows.append((name, value, figure))
         print(f"{name}: {figure} = {value:.2f} (elapsed {r.elapsed_s:.2f} s, "
               f"decode step {r.mean_decode_step_ms:.2f} ms)", flush=True)
+    if args.prefix_cache_workloads:
+        rows += _prefix_cache_workloads(config, engine, args.max_num_seqs, results)
     print("=" * 64)
     for name, value, note in rows:
         print(f"{name:<28} {value:>12.2f}   {note}")
@@ -80,6 +87,31 @@ def main() -> int:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2)
     return 0
+
+
+def _prefix_cache_workloads(config: EngineConfig, engine: Engine, batch: int, results: dict) -> list:
+    shared = SharedPrefix(num_groups=32, prompts_per_group=16, prefix_len=2048, question_len=128)
+    spec = OfflineSpec(num_prompts=shared.num_prompts, input_len=shared.prefix_len + shared.question_len,
+                       output_len=128, batch_size=batch, temperature=0.0, num_warmup_tokens=4, shared_prefix=shared)
+    rows = []
+    for label, eng in (("on", engine), ("off", None)):
+        cfg = config if eng is not None else EngineConfig(**{**_fields(config), "enable_prefix_caching": False})
+        r = run_offline(cfg, spec, eng)
+        results[f"shared_prefix_cache_{label}"] = {"output_tok_s": r.output_tokens_per_s, "elapsed_s": r.elapsed_s,
+                                                   "hit_rate": r.prefix_cache_hit_rate}
+        rows.append((f"shared_prefix_cache_{label}", r.output_tokens_per_s, "output_tok_s"))
+    turns = MultiTurn(num_conversations=1, num_turns=10, turn_len=100, output_len=32)
+    spec = OfflineSpec(num_prompts=1, input_len=100, output_len=32, batch_size=batch, temperature=0.0,
+                       num_warmup_tokens=4, multi_turn=turns)
+    r = run_offline(config, spec, engine)
+    ttft = r.mean_ttft_by_turn_ms
+    results["multi_turn_ttft_by_turn_ms"] = ttft
+    rows.append(("multi_turn_ttft_last_over_first", ttft[-1] / ttft[0], "ratio"))
+    return rows
+
+
+def _fields(config: EngineConfig) -> dict:
+    return {f: getattr(config, f) for f in config.__dataclass_fields__}
 
 
 if __name__ == "__main__":

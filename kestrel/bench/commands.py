@@ -1,9 +1,11 @@
 """`kestrel bench offline`, `bench latency` and `bench serve`: flags in, figures printed and saved.
 
 offline: the engine (or Hugging Face transformers, `--backend hf`) in-process
-on random prompts (see `kestrel.bench.offline`). latency: start-up, prefill and
-decode-step time of one batch (`kestrel.bench.latency`). serve: a streaming load
-generator for any OpenAI-compatible server (see `kestrel.bench.serve`).
+on random prompts, or the shared-prefix and multi-turn workloads of the prefix
+cache (see `kestrel.bench.offline`, `kestrel.bench.workloads`). latency: start-up,
+prefill and decode-step time of one batch (`kestrel.bench.latency`). serve: a
+streaming load generator for any OpenAI-compatible server (see
+`kestrel.bench.serve`), on random, file or shared-prefix prompts.
 """
 
 from __future__ import annotations
@@ -47,19 +49,43 @@ def _add_offline(sub) -> None:
                    help="before each timed run, wait until other processes leave the CPUs idle (shared machines)")
     p.add_argument("--json-schema", default=None, metavar="FILE",
                    help="constrain every output to the JSON schema in FILE (EOS ends it; --output-len is a cap)")
+    p.add_argument("--dataset", choices=("random", "shared-prefix", "multi-turn"), default="random",
+                   help="random: --num-prompts x --input-len; shared-prefix: --num-groups x --prompts-per-group "
+                        "prompts, a --prefix-len system prompt per group then --input-len own tokens; multi-turn: "
+                        "--num-prompts conversations of --num-turns turns, each adding the last answer and "
+                        "--input-len new tokens")
+    _add_shared_prefix_args(p)
+    p.add_argument("--num-turns", type=int, default=10, help="multi-turn: turns per conversation")
     p.add_argument("--output-json", default=None, help="save the figures here")
     p.set_defaults(func=_run_offline)
+
+
+def _add_shared_prefix_args(p) -> None:
+    p.add_argument("--num-groups", type=int, default=4, help="shared-prefix: groups (G)")
+    p.add_argument("--prompts-per-group", type=int, default=8, help="shared-prefix: requests per group (R)")
+    p.add_argument("--prefix-len", type=int, default=512,
+                   help="shared-prefix: tokens of each group's system prompt (P)")
 
 
 def _run_offline(args: argparse.Namespace) -> int:
     import torch
 
     from kestrel.bench.offline import OfflineSpec, print_result, run_offline
+    from kestrel.bench.workloads import MultiTurn, SharedPrefix
 
-    spec = OfflineSpec(num_prompts=args.num_prompts, input_len=args.input_len, output_len=args.output_len,
+    num_prompts, input_len, shared, multi = args.num_prompts, args.input_len, None, None
+    if args.dataset == "shared-prefix":
+        shared = SharedPrefix(args.num_groups, args.prompts_per_group, args.prefix_len, args.input_len)
+        num_prompts, input_len = shared.num_prompts, args.prefix_len + args.input_len
+    elif args.dataset == "multi-turn":
+        multi = MultiTurn(args.num_prompts, args.num_turns, args.input_len, args.output_len)
+    if args.backend == "hf" and args.dataset != "random":
+        raise ValueError("--backend hf runs the random dataset only")
+    spec = OfflineSpec(num_prompts=num_prompts, input_len=input_len, output_len=args.output_len,
                        batch_size=args.max_num_seqs, temperature=args.temperature, seed=args.seed,
                        num_warmup_tokens=args.num_warmup_tokens, num_iters=args.num_iters,
-                       wait_idle=args.wait_idle, json_schema=_schema_text(args.json_schema))
+                       wait_idle=args.wait_idle, json_schema=_schema_text(args.json_schema),
+                       shared_prefix=shared, multi_turn=multi)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     if args.backend == "hf":
@@ -114,6 +140,11 @@ def _add_serve(sub) -> None:
     p.add_argument("--random-output-len", type=int, default=128)
     p.add_argument("--prompt-file", default=None,
                    help="text file (one prompt per line) or .jsonl with 'prompt' [, 'output_len'] per line")
+    p.add_argument("--dataset", choices=("random", "shared-prefix"), default="random",
+                   help="random text, or shared-prefix: --num-groups x --prompts-per-group requests, a "
+                        "--prefix-len-token system prompt per group, then --random-input-len tokens of their own "
+                        "(--num-prompts is then G x R)")
+    _add_shared_prefix_args(p)
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer for random prompts (default: the bundled SmolLM2 GGUF's)")
     p.add_argument("--temperature", type=float, default=0.0)
@@ -143,13 +174,9 @@ def _run_serve(args: argparse.Namespace) -> int:
                            api_key=args.api_key)
     if args.num_prompts < 1:
         raise ValueError(f"num-prompts must be >= 1, got {args.num_prompts}")
-    if args.prompt_file:
-        prompts = serve.file_prompts(args.prompt_file, args.num_prompts, args.random_output_len)
-    else:
-        prompts = serve.random_prompts(_tokenizer(args.tokenizer), args.num_prompts, args.random_input_len,
-                                       args.random_output_len, args.seed)
+    prompts, warmups = _serve_prompts(args)
     try:
-        results, duration, model = asyncio.run(serve.run_serve(spec, prompts))
+        results, duration, model = asyncio.run(serve.run_serve(spec, prompts, warmups))
     except ConnectionError as e:
         print(f"error: {e}")
         return 1
@@ -159,7 +186,11 @@ def _run_serve(args: argparse.Namespace) -> int:
     if errors:
         print(f"{len(errors)} distinct error(s), e.g.: {errors[0]}")
     if args.save_result:
-        _save(args.save_result, json.dumps(serve.result_json(metrics, spec, model, results), indent=2))
+        workload = {"dataset": "file" if args.prompt_file else args.dataset}
+        if workload["dataset"] == "shared-prefix":
+            workload.update(num_groups=args.num_groups, prompts_per_group=args.prompts_per_group,
+                            prefix_len=args.prefix_len, question_len=args.random_input_len)
+        _save(args.save_result, json.dumps(serve.result_json(metrics, spec, model, results, workload), indent=2))
     return 0 if metrics.completed else 1
 
 
@@ -171,6 +202,25 @@ def _schema_text(path: str | None) -> str | None:
         text = f.read()
     json.loads(text)
     return text
+def _serve_prompts(args: argparse.Namespace):
+    """(timed prompts, warm-up prompts: None to warm up on the timed ones)."""
+    from kestrel.bench import serve
+    from kestrel.bench.workloads import SharedPrefix
+
+    if args.prompt_file:
+        return serve.file_prompts(args.prompt_file, args.num_prompts, args.random_output_len), None
+    tokenizer = _tokenizer(args.tokenizer)
+    if args.dataset == "shared-prefix":
+        w = SharedPrefix(args.num_groups, args.prompts_per_group, args.prefix_len, args.random_input_len)
+        prompts = serve.shared_prefix_prompts(tokenizer, w, args.random_output_len, args.seed)
+        warm_len = args.prefix_len + args.random_input_len
+    else:
+        prompts = serve.random_prompts(tokenizer, args.num_prompts, args.random_input_len,
+                                       args.random_output_len, args.seed)
+        warm_len = args.random_input_len
+    warmups = serve.random_prompts(tokenizer, max(1, args.num_warmups), warm_len, args.random_output_len,
+                                   args.seed + 1)  # sharing nothing with the timed prompts
+    return prompts, warmups
 
 
 def _tokenizer(path: str | None):

@@ -1,15 +1,16 @@
 """Offline throughput benchmark: fixed random prompts through the engine, timed per step.
 
-`run_offline(config, spec)` builds an `Engine`, makes `spec.num_prompts` prompts
-of `spec.input_len` random token ids (seeded), runs a short warm-up, then
-times one run in which every request generates exactly `spec.output_len`
-tokens (ignore_eos), or, with `spec.json_schema`, a JSON value of that schema
-(ended by EOS, at most output_len tokens; jump-forward tokens are counted).
-It drives `Engine.add_request` / `step` directly, so
-detokenizing is not timed (Hugging Face `generate`, the baseline, returns ids
-too). The result is an `OfflineResult`: elapsed time, throughputs, time to
-first token and the time of each pure-decode step (the batch-level TPOT: in
-such a step every running sequence gets one token).
+`run_offline(config, spec)` builds an `Engine`, makes the workload's prompts (seeded):
+`spec.num_prompts` prompts of `spec.input_len` random token ids, or a shared-prefix or multi-turn
+workload (`workloads.py`), runs a short warm-up, then times runs in which every request generates
+exactly `spec.output_len` tokens (ignore_eos), or, with `spec.json_schema`, a JSON value of that
+schema (ended by EOS, at most output_len tokens; jump-forward tokens are counted). The prefix
+cache is emptied before every run, so each run starts cold.
+It drives `Engine.add_request` / `step` directly, so detokenizing is not
+timed (Hugging Face `generate`, the baseline, returns ids too). The result is an `OfflineResult`:
+elapsed time, throughputs, time to first token (per turn for multi-turn), the prefix-cache hit rate
+and the time of each pure-decode step (the batch-level TPOT: in such a step every running sequence
+gets one token).
 
 The Hugging Face baseline (`kestrel.bench.hf_baseline`) fills the same
 `RunTiming`, so both backends are reported by the same code.
@@ -21,10 +22,11 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 
+from kestrel.bench.workloads import DATASETS, MultiTurn, SharedPrefix, multi_turn_new_tokens, shared_prefix_prompts
 from kestrel.config import EngineConfig
 from kestrel.engine import Engine
 from kestrel.frontend.tokenizer import load_tokenizer
@@ -55,8 +57,24 @@ class OfflineSpec:
     """Before each timed run, wait until other processes leave the CPUs idle (shared machines)."""
     json_schema: str | None = None
     """JSON text of a schema every output must match (EOS then ends a request; output_len is a cap)."""
+    shared_prefix: SharedPrefix | None = None
+    """The shared-prefix workload (num_prompts = G x R, input_len = P + Q)."""
+    multi_turn: MultiTurn | None = None
+    """The multi-turn workload (num_prompts = conversations, input_len = new tokens per turn)."""
+
+    @property
+    def dataset(self) -> str:
+        return "shared-prefix" if self.shared_prefix else "multi-turn" if self.multi_turn else "random"
+
+    @property
+    def max_len(self) -> int:
+        """The longest prompt + output of the workload."""
+        return self.multi_turn.max_len if self.multi_turn else self.input_len + self.output_len
 
     def __post_init__(self) -> None:
+        assert self.dataset in DATASETS
+        if self.shared_prefix and self.multi_turn:
+            raise ValueError("give one workload: shared-prefix or multi-turn")
         for name in ("num_prompts", "input_len", "output_len", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -75,7 +93,7 @@ class RunTiming:
     elapsed_s: float
     num_output_tokens: int
     ttft_s: list[float] = field(default_factory=list)
-    """Per request: from the start of the run to its first token."""
+    """Per request: from the start of the run (multi-turn: of its turn) to its first token."""
     decode_step_s: list[float] = field(default_factory=list)
     """Duration of each pure-decode step (every running sequence got one token, none its first)."""
     decode_step_batch: list[int] = field(default_factory=list)
@@ -84,6 +102,14 @@ class RunTiming:
     """Engine steps (forward passes) of the run."""
     num_sampled_tokens: int = 0
     """Output tokens that took a forward pass of their own (the rest were jump-forward tokens)."""
+    num_prompt_tokens: int = 0
+    """Prompt tokens of every request (0: num_prompts x input_len)."""
+    num_queried_tokens: int = 0
+    """Tokens looked up in the prefix cache at admission during the run (engine only)."""
+    num_hit_tokens: int = 0
+    """Of those, tokens found there."""
+    ttft_by_turn_s: list[list[float]] = field(default_factory=list)
+    """Multi-turn: [turn] -> each conversation's time from submitting the turn to its first token."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +149,15 @@ class OfflineResult:
     """Engine steps of the fastest run."""
     jump_forward_share: float = 0.0
     """Share of output tokens appended by jump-forward (no forward pass of their own)."""
+    dataset: str = "random"
+    workload: dict = field(default_factory=dict)
+    """The shared-prefix or multi-turn parameters."""
+    prefix_caching: bool | None = None
+    """Whether the engine's prefix cache was on (None for the HF baseline)."""
+    prefix_cache_hit_rate: float | None = None
+    """Prompt tokens found in the prefix cache / prompt tokens admitted, in the fastest run."""
+    mean_ttft_by_turn_ms: list[float] | None = None
+    """Multi-turn: mean time to first token of each turn, from its submission."""
 
 
 def run_offline(config: EngineConfig, spec: OfflineSpec, engine: Engine | None = None) -> OfflineResult:
@@ -131,15 +166,40 @@ def run_offline(config: EngineConfig, spec: OfflineSpec, engine: Engine | None =
         raise ValueError("spec.batch_size must equal config.max_num_seqs")
     engine = engine or Engine(config, tokenizer=lambda: load_tokenizer(config.tokenizer or resolve_model_path(
         config.model)))
-    if spec.input_len + spec.output_len > engine.max_model_len:
-        raise ValueError(f"input-len + output-len = {spec.input_len + spec.output_len} exceeds the "
-                         f"context length {engine.max_model_len}; lower them or raise --max-model-len")
-    prompts = random_prompts(spec.num_prompts, spec.input_len, engine.model_config.vocab_size, spec.seed)
-    if spec.num_warmup_tokens:
-        _time_engine_run(engine, prompts[:spec.batch_size], _params(spec, spec.num_warmup_tokens), "warmup")
+    if spec.max_len > engine.max_model_len:
+        raise ValueError(f"the workload needs {spec.max_len} tokens of context (prompt + output), more than "
+                         f"the context length {engine.max_model_len}; lower its sizes or raise --max-model-len")
+    vocab = engine.model_config.vocab_size
+    if spec.num_warmup_tokens:  # one batch of the run's prompts; other workloads: prompts sharing nothing
+        seed = spec.seed if spec.dataset == "random" else spec.seed + 1
+        warm = random_prompts(spec.num_prompts, spec.input_len, vocab, seed)[:spec.batch_size]
+        _time_engine_run(engine, warm, _params(spec, spec.num_warmup_tokens), "warmup")
     params = _params(spec, spec.output_len)
-    timings = time_runs(lambda i: _time_engine_run(engine, prompts, params, f"bench{i}"), spec)
-    return summarize("kestrel", engine.model_path, _dtype_name(engine.dtype), spec, timings)
+    if spec.multi_turn:
+        w, new_tokens = spec.multi_turn, multi_turn_new_tokens(spec.multi_turn, vocab, spec.seed)
+
+        def run(i: int) -> RunTiming:
+            return _time_multi_turn(engine, w, new_tokens, params, f"bench{i}")
+    else:
+        prompts = (shared_prefix_prompts(spec.shared_prefix, vocab, spec.seed) if spec.shared_prefix
+                   else random_prompts(spec.num_prompts, spec.input_len, vocab, spec.seed))
+
+        def run(i: int) -> RunTiming:
+            return _time_engine_run(engine, prompts, params, f"bench{i}")
+    timings = time_runs(lambda i: _cold(engine, run, i), spec)
+    return summarize("kestrel", engine.model_path, _dtype_name(engine.dtype), spec, timings,
+                     config.enable_prefix_caching)
+
+
+def _cold(engine: Engine, run, i: int) -> RunTiming:
+    """One timed run on an empty prefix cache, with the run's hit counts."""
+    engine.reset_prefix_cache()
+    stats = engine.scheduler.prefix_stats
+    queried, hit = stats.num_queried_tokens, stats.num_hit_tokens
+    timing = run(i)
+    timing.num_queried_tokens = stats.num_queried_tokens - queried
+    timing.num_hit_tokens = stats.num_hit_tokens - hit
+    return timing
 
 
 def time_runs(run_once, spec: OfflineSpec) -> list[RunTiming]:
@@ -184,11 +244,14 @@ def random_prompts(num_prompts: int, input_len: int, vocab_size: int, seed: int)
     return torch.randint(0, vocab_size, (num_prompts, input_len), generator=gen).tolist()
 
 
-def summarize(backend: str, model: str, dtype: str, spec: OfflineSpec, timings: list[RunTiming]) -> OfflineResult:
+def summarize(backend: str, model: str, dtype: str, spec: OfflineSpec, timings: list[RunTiming],
+              prefix_caching: bool | None = None) -> OfflineResult:
     """The figures of the fastest run."""
     timing = min(timings, key=lambda t: t.elapsed_s)
     elapsed = timing.elapsed_s
     num_out = timing.num_output_tokens
+    num_prompt_tokens = timing.num_prompt_tokens or spec.num_prompts * spec.input_len
+    workload = spec.shared_prefix or spec.multi_turn
     steps_ms = [s * 1e3 for s in timing.decode_step_s]
     decode_time = sum(timing.decode_step_s)
     mean_step = statistics.fmean(steps_ms) if steps_ms else float("nan")
@@ -199,7 +262,7 @@ def summarize(backend: str, model: str, dtype: str, spec: OfflineSpec, timings: 
         elapsed_s=elapsed, num_output_tokens=num_out,
         requests_per_s=spec.num_prompts / elapsed,
         output_tokens_per_s=num_out / elapsed,
-        total_tokens_per_s=(num_out + spec.num_prompts * spec.input_len) / elapsed,
+        total_tokens_per_s=(num_out + num_prompt_tokens) / elapsed,
         ms_per_output_token=elapsed * 1e3 / num_out,
         mean_ttft_ms=statistics.fmean(timing.ttft_s) * 1e3 if timing.ttft_s else float("nan"),
         mean_decode_step_ms=mean_step,
@@ -210,6 +273,12 @@ def summarize(backend: str, model: str, dtype: str, spec: OfflineSpec, timings: 
         machine=machine_info(),
         json_schema=spec.json_schema, num_steps=timing.num_steps,
         jump_forward_share=1 - timing.num_sampled_tokens / num_out if timing.num_sampled_tokens else 0.0,
+        dataset=spec.dataset,
+        workload=asdict(workload) if workload else {},
+        prefix_caching=prefix_caching,
+        prefix_cache_hit_rate=(timing.num_hit_tokens / timing.num_queried_tokens
+                               if timing.num_queried_tokens else None),
+        mean_ttft_by_turn_ms=[statistics.fmean(t) * 1e3 for t in timing.ttft_by_turn_s] or None,
     )
 
 
@@ -217,6 +286,7 @@ def print_result(r: OfflineResult) -> None:
     rows = [
         ("Backend:", r.backend), ("Model:", os.path.basename(r.model.rstrip("/")) or r.model),
         ("Dtype / threads:", f"{r.dtype} / {r.num_threads}"),
+        ("Workload:", r.dataset + "".join(f", {k}={v}" for k, v in r.workload.items())),
         ("Prompts x (input, output) len:", f"{r.num_prompts} x ({r.input_len}, {r.output_len})"),
         ("Batch size (max-num-seqs):", r.batch_size),
         ("Elapsed (s):", f"{r.elapsed_s:.2f}" + (f" (fastest of {', '.join(f'{e:.2f}' for e in r.all_elapsed_s)})"
@@ -234,6 +304,13 @@ def print_result(r: OfflineResult) -> None:
     if r.json_schema is not None:
         rows += [("Constrained to a JSON schema:", "yes"), ("Engine steps (forward passes):", r.num_steps),
                  ("Jump-forward share of output tokens:", f"{r.jump_forward_share:.1%}")]
+    if r.prefix_caching is not None:
+        rate = "" if r.prefix_cache_hit_rate is None else f", hit rate {r.prefix_cache_hit_rate:.1%}"
+        rows.append(("Prefix cache:", ("on" if r.prefix_caching else "off") + rate))
+    if r.mean_ttft_by_turn_ms:
+        by_turn = r.mean_ttft_by_turn_ms
+        rows.append(("Mean TTFT by turn (ms):", ", ".join(f"{t:.0f}" for t in by_turn)))
+        rows.append(("TTFT last turn / first turn:", f"{by_turn[-1] / by_turn[0]:.2f}"))
     print("{s:{c}^{n}}".format(s=" Offline Benchmark Result ", n=60, c="="))
     for label, value in rows:
         print(f"{label:<36} {value}")
@@ -285,6 +362,48 @@ def _time_engine_run(engine: Engine, prompts: list[list[int]], params: SamplingP
             timing.decode_step_batch.append(len(outputs))
     timing.elapsed_s = time.perf_counter() - start
     timing.num_output_tokens = sum(num_tokens.values())
+    timing.num_prompt_tokens = sum(len(p) for p in prompts)
+    return timing
+
+
+def _time_multi_turn(engine: Engine, w: MultiTurn, new_tokens: list[list[list[int]]], params: SamplingParams,
+                     tag: str) -> RunTiming:
+    """Every conversation submits its next turn (history + answer + new tokens) when its last one ends."""
+    timing = RunTiming(0.0, 0)
+    timing.ttft_by_turn_s = [[] for _ in range(w.num_turns)]
+    prompt: dict[int, list[int]] = {}
+    answer: dict[int, list[int]] = {}
+    submitted: dict[int, float] = {}
+
+    def submit(conv: int, turn: int) -> None:
+        prompt[conv] = prompt.get(conv, []) + answer.get(conv, []) + new_tokens[conv][turn]
+        answer[conv] = []
+        engine.add_request(f"{tag}-c{conv}-t{turn}", prompt[conv], params)
+        submitted[conv] = time.perf_counter()
+        timing.num_prompt_tokens += len(prompt[conv])
+
+    start = time.perf_counter()
+    for conv in range(w.num_conversations):
+        submit(conv, 0)
+    while engine.has_unfinished_requests():
+        t0 = time.perf_counter()
+        outputs = engine.step()
+        now = time.perf_counter()
+        is_pure_decode = bool(outputs)
+        for out in outputs:
+            conv, turn = (int(part[1:]) for part in out.request_id.rsplit("-", 2)[1:])
+            if not answer[conv]:
+                timing.ttft_by_turn_s[turn].append(now - submitted[conv])
+                timing.ttft_s.append(now - submitted[conv])
+                is_pure_decode = False
+            answer[conv] += out.new_token_ids
+            timing.num_output_tokens += len(out.new_token_ids)
+            if out.finish_reason is not None and turn + 1 < w.num_turns:
+                submit(conv, turn + 1)
+        if is_pure_decode:
+            timing.decode_step_s.append(now - t0)
+            timing.decode_step_batch.append(len(outputs))
+    timing.elapsed_s = time.perf_counter() - start
     return timing
 
 

@@ -10,7 +10,13 @@ records the time to the first content chunk (TTFT), the gaps between content
 chunks (ITL) and the end-to-end latency; output tokens come from the final
 chunk's `usage` when the server sends it, else one per content chunk.
 `ServeMetrics` aggregates them (mean / median / p99) and `print_metrics`
-prints them in the layout of `vllm bench serve`.
+prints them in the layout of `vllm bench serve`, with the prompt tokens the
+server reports as cached (`usage.prompt_tokens_details.cached_tokens`).
+
+Prompts: random text (`random_prompts`), a file (`file_prompts`), or the
+shared-prefix workload (`shared_prefix_prompts`: G groups of R requests, a
+P-token system prompt per group, Q tokens each of their own). Warm-up requests
+use prompts that share nothing with the timed ones, so a prefix cache starts cold.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from dataclasses import asdict, dataclass, field
 
 import httpx
 import numpy as np
+
+from kestrel.bench.workloads import SharedPrefix
 
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
 
@@ -73,6 +81,8 @@ class BenchPrompt:
     prompt_len: int | None
     """Prompt tokens as we counted them (None if unknown); the server's usage wins when sent."""
     output_len: int
+    system: str | None = None
+    """Chat: a system message before `text`; completions: text put before it."""
 
 
 @dataclass(slots=True)
@@ -83,6 +93,8 @@ class RequestResult:
     error: str = ""
     prompt_len: int = 0
     output_len: int = 0
+    cached_len: int = 0
+    """Prompt tokens the server's prefix cache supplied (0 when it does not say)."""
     ttft: float = 0.0
     itl: list[float] = field(default_factory=list)
     latency: float = 0.0
@@ -91,8 +103,10 @@ class RequestResult:
 
 
 # ---- the run -------------------------------------------------------------------
-async def run_serve(spec: ServeSpec, prompts: list[BenchPrompt]) -> tuple[list[RequestResult], float, str]:
-    """Send all prompts; return (per-request results in prompt order, duration in seconds, model name)."""
+async def run_serve(spec: ServeSpec, prompts: list[BenchPrompt],
+                    warmup_prompts: list[BenchPrompt] | None = None) -> tuple[list[RequestResult], float, str]:
+    """Send all prompts (after the warm-up ones; default: the first prompts); return (per-request results in
+    prompt order, duration in seconds, model name)."""
     if not prompts:
         raise ValueError("no prompts to send")
     timeout = httpx.Timeout(spec.request_timeout_s, connect=30.0)
@@ -100,7 +114,7 @@ async def run_serve(spec: ServeSpec, prompts: list[BenchPrompt]) -> tuple[list[R
     headers = {"Authorization": f"Bearer {spec.api_key}"} if spec.api_key else {}
     async with httpx.AsyncClient(timeout=timeout, limits=limits, headers=headers) as client:
         model = spec.model or await _server_model(client, spec.base_url)
-        await _warm_up(client, spec, model, prompts)
+        await _warm_up(client, spec, model, warmup_prompts or prompts)
         semaphore = asyncio.Semaphore(spec.max_concurrency) if spec.max_concurrency else None
         tasks = []
         start = time.perf_counter()
@@ -156,9 +170,10 @@ def request_body(spec: ServeSpec, model: str, prompt: BenchPrompt) -> dict:
     if spec.json_schema is not None:
         body["response_format"] = {"type": "json_schema", "json_schema": {"name": "bench", "schema": spec.json_schema}}
     if spec.endpoint == "/v1/chat/completions":
-        body["messages"] = [{"role": "user", "content": prompt.text}]
+        system = [{"role": "system", "content": prompt.system}] if prompt.system is not None else []
+        body["messages"] = [*system, {"role": "user", "content": prompt.text}]
     else:
-        body["prompt"] = prompt.text
+        body["prompt"] = (prompt.system or "") + prompt.text
     return body
 
 
@@ -188,6 +203,7 @@ async def send_request(client: httpx.AsyncClient, spec: ServeSpec, model: str, p
                 if usage:
                     usage_tokens = usage.get("completion_tokens", usage_tokens)
                     result.prompt_len = usage.get("prompt_tokens") or result.prompt_len
+                    result.cached_len = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
                 if not _chunk_text(chunk):
                     continue
                 now = time.perf_counter()
@@ -233,6 +249,8 @@ class ServeMetrics:
     duration_s: float
     total_input_tokens: int
     total_output_tokens: int
+    total_cached_tokens: int
+    """Prompt tokens the server reported as coming from its prefix cache."""
     request_throughput: float
     output_throughput: float
     total_token_throughput: float
@@ -263,6 +281,7 @@ def compute_metrics(results: list[RequestResult], duration_s: float) -> ServeMet
     return ServeMetrics(
         completed=len(ok), failed=len(results) - len(ok), duration_s=duration_s,
         total_input_tokens=num_in, total_output_tokens=num_out,
+        total_cached_tokens=sum(r.cached_len for r in ok),
         request_throughput=len(ok) / duration_s, output_throughput=num_out / duration_s,
         total_token_throughput=(num_in + num_out) / duration_s,
         **_stats("ttft", ttfts), **_stats("tpot", tpots), **_stats("itl", itls), **_stats("e2el", e2els),
@@ -293,6 +312,7 @@ def print_metrics(m: ServeMetrics, spec: ServeSpec) -> None:
     line("Benchmark duration (s):", m.duration_s)
     line("Total input tokens:", m.total_input_tokens)
     line("Total generated tokens:", m.total_output_tokens)
+    line("Total cached prompt tokens:", m.total_cached_tokens)
     line("Request throughput (req/s):", m.request_throughput)
     line("Output token throughput (tok/s):", m.output_throughput)
     line("Total Token throughput (tok/s):", m.total_token_throughput)
@@ -307,14 +327,17 @@ def print_metrics(m: ServeMetrics, spec: ServeSpec) -> None:
     print("=" * 50)
 
 
-def result_json(m: ServeMetrics, spec: ServeSpec, model: str, results: list[RequestResult]) -> dict:
-    """Everything worth keeping: the config, the metrics and the per-request measurements."""
+def result_json(m: ServeMetrics, spec: ServeSpec, model: str, results: list[RequestResult],
+                workload: dict | None = None) -> dict:
+    """Everything worth keeping: the config, the workload, the metrics and the per-request measurements."""
     config = asdict(spec)
     config.pop("api_key", None)
     config["request_rate"] = str(spec.request_rate) if spec.request_rate == float("inf") else spec.request_rate
     return {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "model": model, "config": config, **asdict(m),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "model": model, "config": config,
+        "workload": workload or {}, **asdict(m),
         "input_lens": [r.prompt_len for r in results], "output_lens": [r.output_len for r in results],
+        "cached_lens": [r.cached_len for r in results],
         "ttfts": [r.ttft for r in results], "itls": [r.itl for r in results],
         "latencies": [r.latency for r in results], "errors": [r.error for r in results],
     }
@@ -326,14 +349,38 @@ def random_prompts(tokenizer, num_prompts: int, input_len: int, output_len: int,
 
     Decoded text re-tokenizes to a few more tokens; one encode-truncate-decode round brings it close."""
     rng = random.Random(seed)
-    special = set(getattr(tokenizer, "all_special_ids", []) or [])
-    vocab = [i for i in range(len(tokenizer)) if i not in special]
+    vocab = _plain_vocab(tokenizer)
     prompts = []
     for _ in range(num_prompts):
-        text = tokenizer.decode([rng.choice(vocab) for _ in range(input_len)])
-        text = tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)[:input_len])
+        text = _random_text(tokenizer, vocab, input_len, rng)
         prompts.append(BenchPrompt(text, len(tokenizer.encode(text, add_special_tokens=False)), output_len))
     return prompts
+
+
+def shared_prefix_prompts(tokenizer, w: SharedPrefix, output_len: int, seed: int) -> list[BenchPrompt]:
+    """G x R prompts: each group's random P-token system prompt, then each request's own Q tokens; shuffled."""
+    rng = random.Random(seed)
+    vocab = _plain_vocab(tokenizer)
+    prompts = []
+    for _ in range(w.num_groups):
+        system = _random_text(tokenizer, vocab, w.prefix_len, rng)
+        for _ in range(w.prompts_per_group):
+            question = _random_text(tokenizer, vocab, w.question_len, rng)
+            prompts.append(BenchPrompt(question, len(tokenizer.encode(system + question, add_special_tokens=False)),
+                                       output_len, system))
+    rng.shuffle(prompts)
+    return prompts
+
+
+def _plain_vocab(tokenizer) -> list[int]:
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    return [i for i in range(len(tokenizer)) if i not in special]
+
+
+def _random_text(tokenizer, vocab: list[int], num_tokens: int, rng: random.Random) -> str:
+    """Text decoded from random ids, re-encoded and cut to `num_tokens` (decoding merges a few)."""
+    text = tokenizer.decode([rng.choice(vocab) for _ in range(num_tokens)])
+    return tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)[:num_tokens])
 
 
 def file_prompts(path: str, num_prompts: int, output_len: int) -> list[BenchPrompt]:

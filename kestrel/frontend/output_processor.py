@@ -72,7 +72,8 @@ class OutputProcessor:
         if live.num_logprobs is not None and out.new_logprobs:
             logprobs = [self._position(record, token_id, live.num_logprobs)
                         for record, token_id in zip(out.new_logprobs, out.new_token_ids)]
-        return TextDelta(out.request_id, text, list(out.new_token_ids), logprobs, finish_reason, stop_reason)
+        return TextDelta(out.request_id, text, list(out.new_token_ids), logprobs, finish_reason, stop_reason,
+                         out.num_cached_tokens)
 
     @staticmethod
     def needs_abort(out: EngineOutput, delta: TextDelta | None) -> bool:

@@ -6,14 +6,18 @@ in the prefix cache (owned by the cache, locked while the request runs), then sl
 This manager is pure bookkeeping (no tensors): it records every table entry it assigns and hands
 them out once per step (`take_table_writes`) so the worker updates its table incrementally.
 
-Contract: `allocate` grants all requested slots or changes nothing (after asking the prefix cache
-to evict when the pool is short); `free` returns a request's slots to the prefix cache, which keeps
-or frees them. `check_integrity` asserts that free + cached + in use == total, each slot once.
+Contract: `allocate` grants all requested slots or changes nothing (it asks the prefix cache to
+evict only when that makes the allocation fit); `free` returns a request's slots to the prefix
+cache, which keeps or frees them. `share_computed` hands a running request's computed prefix to the
+cache at once, so that requests arriving meanwhile reuse it: the cache takes the request's own slots
+(or frees them as duplicates of KV it holds already), and the request's holding is re-pointed at
+the cache's slots, locked, with the table entries that changed recorded as writes. `check_integrity`
+asserts that free + cached + in use == total, each slot once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from kestrel.kvcache.allocator import SlotAllocator
@@ -34,9 +38,10 @@ class _Holding:
 
 class KVCacheManager:
     def __init__(self, num_slots: int, max_num_seqs: int, max_model_len: int,
-                 prefix_cache: PrefixCache | None = None) -> None:
+                 prefix_cache: Callable[[SlotAllocator], PrefixCache] = NoPrefixCache) -> None:
+        """`prefix_cache` builds the cache over this manager's allocator (`NoPrefixCache`, `RadixCache`)."""
         self.allocator = SlotAllocator(num_slots)
-        self.prefix_cache: PrefixCache = prefix_cache or NoPrefixCache(self.allocator)
+        self.prefix_cache: PrefixCache = prefix_cache(self.allocator)
         self.max_num_seqs = max_num_seqs
         self.max_model_len = max_model_len
         self._free_rows: list[int] = list(range(max_num_seqs - 1, -1, -1))
@@ -51,6 +56,20 @@ class KVCacheManager:
     @property
     def num_free_slots(self) -> int:
         return self.allocator.num_free
+
+    @property
+    def num_cached_slots(self) -> int:
+        return self.prefix_cache.num_cached_slots
+
+    @property
+    def num_available_slots(self) -> int:
+        """Slots an allocation could get now: free ones and cached ones no running request locks."""
+        return self.allocator.num_free + self.prefix_cache.num_evictable_slots
+
+    @property
+    def shares_prefixes(self) -> bool:
+        """The prefix cache keeps what it is given, so requests can share computed prefixes."""
+        return self.prefix_cache.keeps_inserts
 
     def num_slots_of(self, request_id: str) -> int:
         held = self._held.get(request_id)
@@ -79,12 +98,13 @@ class KVCacheManager:
             return False
         self.prefix_cache.lock(prefix.handle)  # before evicting, so the hit itself survives
         shortfall = num_new - self.allocator.num_free
+        if shortfall > self.prefix_cache.num_evictable_slots:  # evicting would not be enough: change nothing
+            self.prefix_cache.unlock(prefix.handle)
+            return False
         if shortfall > 0:
             self.prefix_cache.evict(shortfall)
         slots = self.allocator.allocate(num_new)
-        if slots is None:
-            self.prefix_cache.unlock(prefix.handle)
-            return False
+        assert slots is not None, "the prefix cache evicted fewer slots than it said it could"
         if held is None:
             held = self._held[request_id] = _Holding(self._free_rows.pop(), list(prefix.slots), prefix)
             if prefix.num_tokens:
@@ -112,6 +132,47 @@ class KVCacheManager:
         if self._writes:  # entries of a row freed in the same step must not reach the table late
             self._writes = [w for w in self._writes if w[0] != held.row]
 
+    def share_computed(self, request_id: str, computed_token_ids: Sequence[int]) -> None:
+        """Hand the request's computed KV to the prefix cache now; the request keeps running on it.
+
+        `computed_token_ids` are the request's tokens with KV (a prefix of its tokens). The cache
+        takes the request's own slots for them (freeing those it holds already under another slot);
+        the request's holding then points at the cache's slots, locked like a prefix hit. A no-op when
+        the cache keeps nothing, or nothing new was computed.
+        """
+        held = self._held.get(request_id)
+        if held is None or not self.prefix_cache.keeps_inserts:
+            return
+        n = min(len(computed_token_ids), len(held.slots))
+        old_start = held.prefix.num_tokens
+        if n <= old_start:
+            return
+        hit = self.prefix_cache.insert(computed_token_ids[:n], held.slots[:n])
+        assert hit.num_tokens == n, "a prefix cache that keeps inserts kept only part of one"
+        self.prefix_cache.lock(hit.handle)
+        self.prefix_cache.unlock(held.prefix.handle)
+        new_slots = hit.slots
+        # Only positions past the old hit can differ (the cache never moves a locked slot). This runs
+        # after the step's writes were taken, so no (row, position) is written twice in one step.
+        p = old_start
+        while p < n:
+            if held.slots[p] == new_slots[p]:
+                p += 1
+                continue
+            run_start = p
+            while p < n and held.slots[p] != new_slots[p]:
+                p += 1
+            self._writes.append((held.row, run_start, new_slots[run_start:p]))
+        held.slots[:n] = new_slots
+        held.prefix = hit
+
+    def reset_prefix_cache(self) -> bool:
+        """Drop every cached prefix; only when no request holds slots (returns whether it did)."""
+        if self._held:
+            return False
+        self.prefix_cache.evict(self.prefix_cache.num_cached_slots)
+        return True
+
     def take_table_writes(self) -> TableWrites:
         """Every table entry assigned since the last call, flattened, in order."""
         rows: list[int] = []
@@ -126,13 +187,18 @@ class KVCacheManager:
 
     def check_integrity(self) -> None:
         """Assert free + cached + in use == total, each slot owned once, and rows owned once."""
+        self.prefix_cache.check_integrity()
         in_use: list[int] = []
         for held in self._held.values():
             in_use.extend(held.slots[held.prefix.num_tokens:])
         cached = self.prefix_cache.cached_slots()
         self.allocator.check_integrity(in_use + cached)
-        assert len(set(cached)) == len(cached), "a slot is cached twice"
-        assert not set(cached) & set(in_use), "a slot is both cached and in use by a request"
+        cached_set = set(cached)
+        assert len(cached_set) == len(cached), "a slot is cached twice"
+        assert not cached_set & set(in_use), "a slot is both cached and in use by a request"
+        for held in self._held.values():
+            assert cached_set.issuperset(held.slots[:held.prefix.num_tokens]), \
+                "a request reads a prefix slot the cache no longer holds"
         rows = [held.row for held in self._held.values()]
         assert len(set(rows)) == len(rows), "a table row is owned twice"
         assert not set(rows) & set(self._free_rows), "a table row is both free and owned"

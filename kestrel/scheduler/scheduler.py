@@ -3,18 +3,23 @@
 Owns the requests inside the engine, from `add` to finish. One rule for every request (see
 `kestrel.request`): each step a request is given `num_new_tokens` so that `num_computed_tokens`
 catches up to `num_tokens`, within the step's token budget. Running requests go first (FCFS), then
-waiting ones while the budget, the running cap and KV slots last; a waiting request first takes
-the longest prefix the prefix cache holds for it. When a running request cannot get a slot, the
-newest running request is preempted: its computed KV goes back to the prefix cache and it is
-requeued (at the front) to be recomputed later. Nothing is ever dropped.
+waiting ones (in the order of the schedule policy, `policy.py`) while the budget, the running cap
+and KV slots last; a waiting request first takes the longest prefix the prefix cache holds for it.
+A waiting request whose next tokens another request computes in this very step waits one step and
+then finds them in the cache (the same prompt is computed once, not once per request). When a
+running request cannot get a slot, the KV manager evicts unlocked cached prefixes first; only if
+that is not enough is the newest running request preempted: its computed KV goes to the prefix
+cache (where its readmission finds it) and it is requeued (at the front). Nothing is ever dropped.
 
 Once the step batch is built, `commit` advances every scheduled request (its tokens are being
-computed) and marks the sampled ones in flight; when the step's result is back, `update` appends
-the sampled tokens, applies the stop rules and finishes requests. With async scheduling the next
-step is scheduled and committed before the last one's update, so a request stopped by EOS may run
-one step more, whose token `update` drops; a request certain to stop (max_tokens, context length)
-is not scheduled again. No torch and no model here: capacity is the KV manager's slot count, so the
-scheduler runs on CPU in tests with any fake capacity.
+computed), hands the prompt tokens of this step to the prefix cache (`KVCacheManager.share_computed`,
+so concurrent requests share them; a later step reads them only after this one wrote them) and marks
+the sampled ones in flight; when the step's result is back, `update` appends the sampled tokens,
+applies the stop rules and finishes requests (their computed tokens go to the cache). With async
+scheduling the next step is scheduled and committed before the last one's update, so a request
+stopped by EOS may run one step more, whose token `update` drops; a request certain to stop
+(max_tokens, context length) is not scheduled again. No torch and no model here: capacity is the KV
+manager's slot count, so the scheduler runs on CPU in tests with any fake capacity.
 """
 
 from __future__ import annotations
@@ -24,11 +29,17 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from kestrel.kvcache.manager import KVCacheManager
+from kestrel.kvcache.prefix_cache import PrefixCacheStats
 from kestrel.scheduler.grammar_hook import GrammarHook
 from kestrel.outputs import EngineOutput, logprob_record
 from kestrel.request import FinishReason, Request, RequestStatus
+from kestrel.scheduler.policy import waiting_order
 from kestrel.step_batch import StepResult
 from kestrel.stop_rules import Stop, StopRules
+
+MIN_SHARED_TOKENS_TO_WAIT = 32
+"""A waiting request waits a step for another's computation when they share at least this many
+of its next tokens (fewer are cheaper to compute twice than to wait for)."""
 
 
 class ScheduledRequest(NamedTuple):
@@ -60,13 +71,16 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, kv_manager: KVCacheManager, stop_rules: StopRules, max_num_seqs: int,
-                 max_num_batched_tokens: int, grammar: GrammarHook | None = None) -> None:
+                 max_num_batched_tokens: int, schedule_policy: str = "fcfs",
+                 grammar: GrammarHook | None = None) -> None:
         self.kv_manager = kv_manager
         self.grammar = grammar
         """Grammar-constrained decoding (structured outputs); None: no request may ask for it."""
         self.stop_rules = stop_rules
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.schedule_policy = schedule_policy
+        self.prefix_stats = PrefixCacheStats()
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -141,7 +155,10 @@ class Scheduler:
     def commit(self, out: SchedulerOutput) -> None:
         """The step is submitted: its tokens count as computed, its samples are in flight."""
         for req, n in out.scheduled:
+            computed_prompt = req.num_computed_tokens < req.num_prompt_tokens
             req.num_computed_tokens += n
+            if computed_prompt:  # share the prompt at once: requests arriving meanwhile reuse it
+                self.kv_manager.share_computed(req.request_id, req.token_ids[: req.num_computed_tokens])
         for i, req in enumerate(out.sampled):
             req.num_inflight_tokens += 1
             req.inflight_sample_index = i
@@ -167,7 +184,8 @@ class Scheduler:
                 req.stop_token_id = stop.stop_token_id
                 self._finish(req, stop.reason)
             outputs.append(EngineOutput(req.request_id, new_token_ids, None if logprobs is None else [logprobs],
-                                        None if stop is None else stop.reason.value, req.stop_token_id))
+                                        None if stop is None else stop.reason.value, req.stop_token_id,
+                                        req.num_cached_tokens or 0))
         return outputs
 
     # ---- helpers -----------------------------------------------------------
@@ -184,19 +202,53 @@ class Scheduler:
         return self.stop_rules.check(req.params, forced[-1], req.num_output_tokens, req.num_tokens)
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            req = self.waiting[0]
-            # The last token is always computed: its logits give the next token.
-            hit = self.kv_manager.match(req.token_ids[: req.num_tokens - 1])
+        if not self.waiting or budget <= 0 or len(self.running) >= self.max_num_seqs:
+            return
+        admitted: list[Request] = []
+        num_waiting_for_shared = 0
+        order = waiting_order(self.waiting, self.schedule_policy, self.max_num_seqs - len(self.running),
+                              lambda r: self.kv_manager.match(_cacheable(r)).num_tokens)
+        for req in order:
+            if budget <= 0 or len(self.running) >= self.max_num_seqs or num_waiting_for_shared >= self.max_num_seqs:
+                break
+            hit = self.kv_manager.match(_cacheable(req))
+            if self._waits_for_shared_prefix(req, hit.num_tokens, out):
+                num_waiting_for_shared += 1  # bounded: a long queue of one prompt is not scanned every step
+                continue
             n = min(req.target_num_tokens - hit.num_tokens, budget)
             if not self.kv_manager.allocate(req.request_id, n, hit):
                 break
-            self.waiting.popleft()
+            self.prefix_stats.record(req.num_tokens, hit.num_tokens)
+            if req.num_cached_tokens is None:
+                req.num_cached_tokens = min(hit.num_tokens, req.num_prompt_tokens)
             req.status = RequestStatus.RUNNING
             req.num_computed_tokens = hit.num_tokens
             self.running.append(req)
             out.add(req, n)
+            admitted.append(req)
             budget -= n
+        self._remove_waiting(admitted)
+
+    def _waits_for_shared_prefix(self, req: Request, num_cached: int, out: SchedulerOutput) -> bool:
+        """Another request scheduled this step computes the next tokens `req` needs: reuse them next step."""
+        if not self.kv_manager.shares_prefixes:
+            return False
+        start, end = num_cached, num_cached + MIN_SHARED_TOKENS_TO_WAIT
+        if end >= req.num_tokens:
+            return False
+        mine = req.token_ids[start:end]
+        return any(other.num_computed_tokens <= start < other.num_computed_tokens + n
+                   and other.token_ids[start:end] == mine for other, n in out.scheduled)
+
+    def _remove_waiting(self, admitted: list[Request]) -> None:
+        if not admitted:
+            return
+        if all(self.waiting[i] is req for i, req in enumerate(admitted)):  # FCFS: the front of the queue
+            for _ in admitted:
+                self.waiting.popleft()
+            return
+        ids = {req.request_id for req in admitted}
+        self.waiting = deque(r for r in self.waiting if r.request_id not in ids)
 
     def _will_stop(self, req: Request) -> bool:
         """Its in-flight token ends it for sure (max_tokens or the context length)."""
@@ -231,6 +283,7 @@ class Scheduler:
         self._finished_ids.append(req.request_id)
 
     def _preempt(self, req: Request) -> None:
+        """Free the request's slots (its computed KV goes to the prefix cache) and requeue it."""
         self._release_kv(req)
         if self.grammar is not None:
             self.grammar.release(req.request_id)  # rebuilt by replaying the output when it runs again
@@ -242,3 +295,8 @@ class Scheduler:
         self.waiting.appendleft(req)
         if len(self.waiting) > 1 and self.waiting[1].arrival_index < req.arrival_index:
             self.waiting = deque(sorted(self.waiting, key=lambda r: r.arrival_index))
+
+
+def _cacheable(req: Request) -> list[int]:
+    """The tokens a prefix hit may cover: all but the last, whose logits give the next token."""
+    return req.token_ids[: req.num_tokens - 1]

@@ -2,7 +2,8 @@
 
 Routes: POST /v1/chat/completions, POST /v1/completions, POST /generate, GET /v1/models,
 GET /health (503 until the model and tokenizer are loaded, and again if a server process dies),
-GET /version, GET /debug/state (KV slots free/total, last integrity check, requests in flight).
+GET /version, GET /debug/state (KV slots free/cached/total, prefix-cache hit rate, last integrity check,
+requests in flight).
 With `api_key` set, /v1, /generate and /debug need `Authorization: Bearer <key>`.
 
 This process tokenizes, applies chat templates and speaks HTTP; it never imports torch (the
@@ -154,7 +155,11 @@ def _protected_routes(state: ServerState) -> APIRouter:
             raise APIError(f"the engine did not answer: {e}", 503) from None
         return {"engine": {"num_free_slots": stats.num_free_slots, "num_slots": stats.num_slots,
                            "num_unfinished_requests": stats.num_unfinished_requests,
-                           "integrity_ok": stats.integrity_ok, "integrity_error": stats.integrity_error},
+                           "integrity_ok": stats.integrity_ok, "integrity_error": stats.integrity_error,
+                           "num_cached_slots": stats.num_cached_slots,
+                           "num_prefix_queried_tokens": stats.num_prefix_queried_tokens,
+                           "num_prefix_hit_tokens": stats.num_prefix_hit_tokens,
+                           "prefix_cache_hit_rate": stats.prefix_cache_hit_rate},
                 "api": {"num_in_flight_requests": state.client.num_in_flight,
                         "torch_imported": "torch" in sys.modules}}
 

@@ -34,6 +34,9 @@ def add_parser(subparsers) -> None:
     serve.add_argument("--tool-call-parser", default="auto", choices=("auto", "hermes", "llama3_json", "mistral"),
                        help="format of tool calls in the output (default: read from the chat template)")
     serve.add_argument("--disable-uvicorn-access-log", action="store_true", help="no log line per HTTP request")
+    serve.add_argument("--truncate-chat-history", action="store_true",
+                       help="drop the oldest turns (after the system message) of a chat longer than the context "
+                            "instead of answering 400; the response header X-Kestrel-Dropped-Messages counts them")
     serve.set_defaults(func=_serve)
 
     client = subparsers.add_parser("client", help="send one prompt to a running server and stream the answer")
@@ -61,7 +64,7 @@ def _serve(args: argparse.Namespace) -> int:
         served_model_names=tuple(args.served_model_name or [config.model or _BUNDLED_NAME]),
         tokenizer_path=tokenizer_path(config), api_key=args.api_key,
         log_level=getattr(args, "log_level", "INFO"), access_log=not args.disable_uvicorn_access_log,
-        tool_call_parser=args.tool_call_parser)
+        tool_call_parser=args.tool_call_parser, truncate_chat_history=args.truncate_chat_history)
     return serve(config, server_config)
 
 

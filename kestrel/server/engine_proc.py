@@ -199,6 +199,8 @@ class EngineLoop:
         if not self.engine.has_unfinished_requests():
             self._check_integrity_once()
         kv = self.engine.kv_manager
+        hits = self.engine.scheduler.prefix_stats
         self._outbox.send(encode(EngineStats(
             nonce, kv.num_free_slots, kv.num_slots, self.engine.num_unfinished_requests,
-            self._integrity_error is None, self._integrity_error)))
+            self._integrity_error is None, self._integrity_error, kv.num_cached_slots,
+            hits.num_queried_tokens, hits.num_hit_tokens)))

@@ -89,7 +89,8 @@ def _prompts(state: ServerState, req: GenerateRequest) -> tuple[list[list[int]],
 def _result(request_id: str, index: int, choice: Choice, prompt_len: int, want_logprobs: bool,
             with_index: bool) -> dict:
     meta: dict = {"id": f"{request_id}-{index}", "prompt_tokens": prompt_len,
-                  "completion_tokens": len(choice.token_ids), "finish_reason": _finish(choice)}
+                  "completion_tokens": len(choice.token_ids), "cached_tokens": choice.num_cached_tokens,
+                  "finish_reason": _finish(choice)}
     if want_logprobs:
         meta["output_token_logprobs"] = [[p.chosen.logprob, p.chosen.token_id, p.chosen.token]
                                          for p in choice.logprobs]

@@ -3,7 +3,11 @@
 Each handler: parse and check the request -> tokenize (chat template for chat) -> validated
 SamplingParams -> submit n engine requests per prompt -> collect them into one response, or
 stream them as server-sent events (`data: {...}` chunks, `data: [DONE]` last, a usage chunk when
-`stream_options.include_usage`). No torch here.
+`stream_options.include_usage`). Usage reports `prompt_tokens_details.cached_tokens`: the prompt
+tokens the prefix cache supplied. A chat longer than the context is a 400 naming both lengths, or,
+with `--truncate-chat-history` (or the request's `truncate_chat_history`), loses its oldest turns
+after the system message (header `X-Kestrel-Dropped-Messages`).
+No torch here.
 """
 
 from __future__ import annotations
@@ -18,12 +22,13 @@ from fastapi.responses import Response
 from kestrel.messages import PositionLogprobs
 from kestrel.server.client import EngineError, RequestGroup
 from kestrel.server.errors import APIError
+from kestrel.messages import TextDelta
 from kestrel.server.protocol import (ChatChoiceLogprobs, ChatCompletionChoice, ChatCompletionChunk,
                                      ChatCompletionRequest, ChatCompletionResponse,
                                      ChatStreamChoice, ChatTokenLogprob, ChatTopLogprob, CompletionChoice,
                                      CompletionLogprobs, CompletionRequest, CompletionResponse, DeltaMessage,
-                                     UsageInfo, SamplingRequest)
-from kestrel.server.serving import (SSE_DONE, ClientGone, ServerState, SSEResponse, check_token_ids,
+                                     PromptTokensDetails, SamplingRequest, UsageInfo)
+from kestrel.server.serving import (SSE_DONE, Choice, ClientGone, ServerState, SSEResponse, check_token_ids,
                                     client_gone_response, collect, make_sampling_params, parse_body,
                                     sse, submit, until_disconnect, wait_accepted)
 from kestrel.server.structured import openai_constraint
@@ -44,9 +49,10 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
     template = getattr(state.tokenizer, "chat_template", None)
     plan = plan_tools(req, state.config.tool_call_parser, template)
     constraint = openai_constraint(req, plan.constraint)
-    prompt_ids = _render_chat(state, req, plan)
     uses_completion_name = req.max_completion_tokens is not None
     max_tokens = req.max_completion_tokens if uses_completion_name else req.max_tokens
+    prompt_ids, num_dropped = _render_chat(state, req, plan, max_tokens)
+    headers = {"X-Kestrel-Dropped-Messages": str(num_dropped)} if num_dropped else {}
     renames = {"logprobs": "top_logprobs"}
     if uses_completion_name:
         renames["max_tokens"] = "max_completion_tokens"
@@ -61,7 +67,7 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
             await wait_accepted(group)
         opts = req.stream_options
         return SSEResponse(_chat_stream(state, request_id, group, usage, bool(opts and opts.include_usage),
-                                        bool(opts and opts.continuous_usage_stats), plan), group)
+                                        bool(opts and opts.continuous_usage_stats), plan), group, headers)
     try:
         choices = await until_disconnect(request, collect(group, params.n))
     except ClientGone:
@@ -70,9 +76,9 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
                                 logprobs=_chat_logprobs(c.logprobs) if num_logprobs is not None else None,
                                 stop_reason=c.stop_reason)
            for i, c in enumerate(choices) for message, finish in [_chat_message(c, plan)]]
-    usage.completion_tokens = sum(len(c.token_ids) for c in choices)
+    usage.add_choices(choices)
     return _json(ChatCompletionResponse(id=request_id, model=state.config.model_name, choices=out,
-                                        usage=usage.info()))
+                                        usage=usage.info()), headers)
 
 
 async def create_completion(state: ServerState, request: Request) -> Response:
@@ -91,7 +97,7 @@ async def create_completion(state: ServerState, request: Request) -> Response:
                                   **_sampling_kwargs(req))
     request_id = f"cmpl-{uuid.uuid4().hex}"
     group = await submit(state, request_id, prompts, params)
-    usage = _Usage(sum(len(p) for p in prompts), len(prompts) * params.n)
+    usage = _Usage(sum(len(p) for p in prompts), params.n)
     echo = [texts[i // params.n] if req.echo else "" for i in range(len(prompts) * params.n)]
     if req.stream:
         if constraint is not None:
@@ -108,7 +114,7 @@ async def create_completion(state: ServerState, request: Request) -> Response:
                             logprobs=_completion_logprobs(c.logprobs, 0) if req.logprobs is not None else None,
                             finish_reason=c.finish_reason, stop_reason=c.stop_reason)
            for i, c in enumerate(choices)]
-    usage.completion_tokens = sum(len(c.token_ids) for c in choices)
+    usage.add_choices(choices)
     return _json(CompletionResponse(id=request_id, model=state.config.model_name, choices=out,
                                     usage=usage.info()))
 
@@ -134,7 +140,10 @@ def _sampling_kwargs(req: SamplingRequest) -> dict:
     return {k: v for k, v in given.items() if v is not None}
 
 
-def _render_chat(state: ServerState, req: ChatCompletionRequest, plan: ToolPlan) -> list[int]:
+def _render_chat(state: ServerState, req: ChatCompletionRequest, plan: ToolPlan,
+                 max_tokens: int | None) -> tuple[list[int], int]:
+    """(prompt token ids, messages dropped to fit the context: only with --truncate-chat-history)."""
+    from kestrel.frontend.chat_history import fit_conversation
     from kestrel.frontend.tokenizer import apply_chat_template  # imports transformers: keep it lazy
 
     template = getattr(state.tokenizer, "chat_template", None)
@@ -142,10 +151,18 @@ def _render_chat(state: ServerState, req: ChatCompletionRequest, plan: ToolPlan)
     kwargs = dict(req.chat_template_kwargs or {})
     if plan.tools:
         kwargs["tools"] = plan.tools
-    try:
-        return apply_chat_template(state.tokenizer, messages, req.add_generation_prompt is not False, **kwargs)
-    except Exception as e:  # the template is user-controlled Jinja: any error is the request's
-        raise APIError(f"cannot apply the chat template to 'messages': {e}", param="messages") from None
+
+    def render(msgs: list[dict]) -> list[int]:
+        try:
+            return apply_chat_template(state.tokenizer, msgs, req.add_generation_prompt is not False, **kwargs)
+        except Exception as e:  # the template is user-controlled Jinja: any error is the request's
+            raise APIError(f"cannot apply the chat template to 'messages': {e}", param="messages") from None
+
+    truncate = req.truncate_chat_history
+    if not (state.config.truncate_chat_history if truncate is None else truncate):
+        return render(messages), 0
+    limit = state.max_model_len
+    return fit_conversation(messages, render, lambda n: n < limit and (max_tokens is None or n + max_tokens <= limit))
 
 
 def _encode_prompts(state: ServerState, prompt) -> tuple[list[str], list[list[int]]]:
@@ -165,16 +182,35 @@ def _encode_prompts(state: ServerState, prompt) -> tuple[list[str], list[list[in
 
 # ---- streaming ------------------------------------------------------------------------
 class _Usage:
-    """Token counts of one call, updated as deltas arrive."""
+    """Token counts of one call, updated as deltas arrive.
 
-    def __init__(self, prompt_tokens: int, num_choices: int) -> None:
+    Cached tokens count once per prompt, like its prompt tokens: the fewest of its n completions
+    (the first one computes what the others then find cached).
+    """
+
+    def __init__(self, prompt_tokens: int, n: int) -> None:
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = 0
-        self.num_choices = num_choices
+        self.n = n
+        self._cached: dict[int, int] = {}
+        """choice index -> its cached prompt tokens."""
+
+    def add(self, index: int, delta: TextDelta) -> None:
+        self.completion_tokens += len(delta.token_ids)
+        self._cached[index] = delta.num_cached_tokens
+
+    def add_choices(self, choices: list[Choice]) -> None:
+        self.completion_tokens = sum(len(c.token_ids) for c in choices)
+        self._cached = {i: c.num_cached_tokens for i, c in enumerate(choices)}
 
     def info(self) -> UsageInfo:
+        per_prompt: dict[int, int] = {}
+        for index, cached in self._cached.items():
+            prompt = index // self.n
+            per_prompt[prompt] = min(per_prompt.get(prompt, cached), cached)
         return UsageInfo(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
-                         total_tokens=self.prompt_tokens + self.completion_tokens)
+                         total_tokens=self.prompt_tokens + self.completion_tokens,
+                         prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(per_prompt.values())))
 
 
 async def _chat_stream(state: ServerState, request_id: str, group: RequestGroup, usage: _Usage,
@@ -184,7 +220,7 @@ async def _chat_stream(state: ServerState, request_id: str, group: RequestGroup,
     tool_streams: dict[int, ToolStream] = {}
     try:
         async for index, delta in group:
-            usage.completion_tokens += len(delta.token_ids)
+            usage.add(index, delta)
             running = usage.info() if continuous_usage else None
             if index not in started:
                 started.add(index)
@@ -220,7 +256,7 @@ async def _completion_stream(state: ServerState, request_id: str, group: Request
     offsets = [len(e) for e in echo]
     try:
         async for index, delta in group:
-            usage.completion_tokens += len(delta.token_ids)
+            usage.add(index, delta)
             text = delta.text
             if echo[index]:
                 text, echo[index] = echo[index] + text, ""
@@ -268,5 +304,5 @@ def _completion_logprobs(positions: list[PositionLogprobs], offset: int) -> Comp
     return out
 
 
-def _json(model) -> Response:
-    return Response(model.model_dump_json(), media_type="application/json")
+def _json(model, headers: dict[str, str] | None = None) -> Response:
+    return Response(model.model_dump_json(), media_type="application/json", headers=headers)

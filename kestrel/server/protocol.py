@@ -134,6 +134,9 @@ class ChatCompletionRequest(SamplingRequest):
     parallel_tool_calls: bool | None = None
     add_generation_prompt: bool | None = True
     chat_template_kwargs: dict | None = None
+    truncate_chat_history: bool | None = None
+    """Kestrel extension: drop the oldest turns (after the system message) of a chat longer than the
+    context instead of failing; None means the server's --truncate-chat-history."""
 
 
 PromptInput = Union[str, list[str], list[int], list[list[int]]]
@@ -185,10 +188,16 @@ class GenerateRequest(_Request):
 
 
 # ---- responses -----------------------------------------------------------------------
+class PromptTokensDetails(_Response):
+    cached_tokens: int = 0
+    """Prompt tokens whose KV came from the prefix cache instead of being computed."""
+
+
 class UsageInfo(_Response):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class ChatTopLogprob(_Response):

@@ -130,8 +130,11 @@ class Choice:
     logprobs: list[PositionLogprobs] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    num_cached_tokens: int = 0
+    """Prompt tokens whose KV came from the prefix cache."""
 
     def add(self, delta: TextDelta) -> None:
+        self.num_cached_tokens = delta.num_cached_tokens
         if delta.text:
             self.text_parts.append(delta.text)
         self.token_ids.extend(delta.token_ids)
@@ -205,8 +208,8 @@ class SSEResponse(StreamingResponse):
 
     media_type = "text/event-stream"
 
-    def __init__(self, content: AsyncIterator[str], group: RequestGroup) -> None:
-        super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    def __init__(self, content: AsyncIterator[str], group: RequestGroup, headers: dict[str, str] | None = None) -> None:
+        super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})})
         self._group = group
 
     async def __call__(self, scope, receive, send) -> None:

@@ -154,6 +154,10 @@ class EngineConfig:
     triton (GPU kernels), or auto: triton on CUDA, torch elsewhere."""
     distributed_executor_backend: str = "uni"
     """uni: the worker runs in the engine's process; mp: in a child process (step batches cross as bytes)."""
+    jump_forward: bool = True
+    """Structured outputs: append the tokens a grammar forces in one step instead of one forward pass each."""
+    grammar_cache_size: int = 128
+    """Structured outputs: compiled grammars kept (LRU, keyed by the schema / regex / grammar text)."""
     enable_prefix_caching: bool = True
     """Keep computed KV in a radix tree of token prefixes and reuse it for requests that share a prefix."""
     schedule_policy: str = "fcfs"
@@ -178,6 +182,8 @@ class EngineConfig:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}.")
         if self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}.")
+        if self.grammar_cache_size < 1:
+            raise ValueError(f"grammar_cache_size must be >= 1, got {self.grammar_cache_size}.")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}.")
         if self.num_kv_slots is not None and self.num_kv_slots < 1:

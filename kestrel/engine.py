@@ -18,6 +18,7 @@ what it ran: batch size, prompt and generated tokens, queue times, prefix-cache 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from kestrel.config import EngineConfig, ModelConfig
 from kestrel.kvcache.manager import KVCacheManager
@@ -32,11 +33,13 @@ from kestrel.sampling_params import SamplingParams
 from kestrel.scheduler import Scheduler, SchedulerOutput, build_step_batch
 from kestrel.step_batch import StepBatch
 from kestrel.stop_rules import StopRules
+from kestrel.structured import StructuredOutputManager
 from kestrel.worker.executor import PendingResult, create_executor
 
 
 class Engine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, tokenizer: Callable[[], object] | None = None) -> None:
+        """`tokenizer` returns the model's tokenizer, which structured outputs need (called when first needed)."""
         self.config = config
         self.model_path = resolve_model_path(config.model)
         self.model_config: ModelConfig = load_model_config(self.model_path)
@@ -46,10 +49,13 @@ class Engine:
         self.dtype = info.dtype
         self.limits = PromptLimits(self.max_model_len, self.model_config.vocab_size)
         self.stop_rules = StopRules(self.model_config.eos_token_ids, self.max_model_len)
+        self.structured = StructuredOutputManager(
+            tokenizer or _no_tokenizer, self.model_config.vocab_size,
+            self.model_config.eos_token_ids, config.jump_forward, config.grammar_cache_size)
         self.kv_manager = KVCacheManager(info.num_kv_slots, config.max_num_seqs, self.max_model_len,
                                          RadixCache if config.enable_prefix_caching else NoPrefixCache)
         self.scheduler = Scheduler(self.kv_manager, self.stop_rules, config.max_num_seqs,
-                                   config.max_num_batched_tokens, config.schedule_policy)
+                                   config.max_num_batched_tokens, config.schedule_policy, self.structured)
         self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
                                  else info.device.startswith("cuda"))
         self._inflight: tuple[SchedulerOutput, PendingResult] | None = None
@@ -114,7 +120,8 @@ class Engine:
 
     def _commit(self, sched: SchedulerOutput) -> StepBatch:
         self.last_step = self._step_info(sched)
-        batch = build_step_batch(sched, self.kv_manager, self.stop_rules, self.scheduler.take_finished_ids())
+        batch = build_step_batch(sched, self.kv_manager, self.stop_rules, self.scheduler.take_finished_ids(),
+                                 self.structured)
         self.scheduler.commit(sched)
         return batch
 
@@ -149,3 +156,7 @@ class Engine:
     def shutdown(self) -> None:
         """Stop the worker(s); the engine is unusable afterwards."""
         self.executor.shutdown()
+
+
+def _no_tokenizer():
+    raise ValueError("structured outputs need the model's tokenizer: build the Engine with tokenizer=...")

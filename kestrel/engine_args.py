@@ -33,6 +33,9 @@ def add_engine_args(parser: argparse.ArgumentParser, with_model: bool = True) ->
     parser.add_argument("--num-kv-slots", type=int, default=None, help="exact KV pool size in tokens")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-threads", type=int, default=None, help="CPU threads for torch")
+    parser.add_argument("--jump-forward", action=argparse.BooleanOptionalAction, default=True,
+                        help="structured outputs: append the tokens a grammar forces without a forward pass each")
+    parser.add_argument("--grammar-cache-size", type=int, default=128, help="compiled grammars kept (LRU)")
     parser.add_argument("--no-prepack-weights", dest="prepack_weights", action="store_false",
                         help="CPU: keep torch's default F.linear instead of oneDNN-packed weights")
     parser.add_argument("--disable-radix-cache", "--no-enable-prefix-caching", dest="enable_prefix_caching",
@@ -56,6 +59,7 @@ def engine_config_from_args(args: argparse.Namespace, **overrides) -> EngineConf
         gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
         async_scheduling=args.async_scheduling,
         attention_backend=args.attention_backend, distributed_executor_backend=args.distributed_executor_backend,
+        jump_forward=args.jump_forward, grammar_cache_size=args.grammar_cache_size,
         enable_prefix_caching=getattr(args, "enable_prefix_caching", True),
         schedule_policy=getattr(args, "schedule_policy", "fcfs"),
     )

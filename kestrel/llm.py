@@ -52,7 +52,7 @@ class LLM:
         for k in set(kwargs) & _VLLM_ONLY_ARGS:
             logger.info("LLM(): ignoring vLLM option %s=%r", k, kwargs.pop(k))
         self.config = EngineConfig(model=model, tokenizer=tokenizer, dtype=dtype, **kwargs)
-        self.engine = Engine(self.config)
+        self.engine = Engine(self.config, tokenizer=lambda: self.tokenizer)
         self.tokenizer = load_tokenizer(tokenizer or self.engine.model_path)
         self._outputs = OutputProcessor(self.tokenizer)
         self._next_id = 0

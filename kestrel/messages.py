@@ -58,6 +58,8 @@ class RequestFailed(_Message):
     """What went wrong, phrased for the user."""
     is_user_error: bool = True
     """True: the request was bad (HTTP 400); False: the engine failed (HTTP 500)."""
+    param: str | None = None
+    """The request field that was bad, when known (e.g. a schema that does not compile)."""
 
 
 class TokenBatch(_Message):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from kestrel.structured_outputs import StructuredOutputsParams
+
 _GREEDY_TEMPERATURE = 1e-5
 """Temperatures below this are greedy: `SamplingParams.is_greedy` is the one definition."""
 _SEED_SPAN = 2**64
@@ -59,6 +61,8 @@ class SamplingParams:
     """Leave special tokens out of the output text."""
     include_stop_str_in_output: bool = False
     """Keep the matched stop string at the end of the output text."""
+    structured_outputs: StructuredOutputsParams | None = None
+    """Constrain the output to a JSON schema, JSON object, regex, choice or grammar (see `kestrel.structured`)."""
     extra: dict = field(default_factory=dict, compare=False, repr=False)
     """Unused; reserved for front-end specific options."""
 
@@ -109,6 +113,9 @@ class SamplingParams:
             _check_int("stop_token_ids", t, lo=0, hi=None)
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be a boolean, got {self.ignore_eos!r}.")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise ValueError("structured_outputs must be a StructuredOutputsParams, "
+                             f"got {type(self.structured_outputs).__name__}.")
 
     @property
     def is_greedy(self) -> bool:

@@ -46,6 +46,9 @@ class SampleRow(msgspec.Struct, frozen=True, array_like=True):
     """Sent only when a repetition penalty needs them."""
     output_token_ids: list[int] | None = None
     """Sent only when a penalty needs them."""
+    token_bitmask: bytes | None = None
+    """Grammar-constrained rows: the tokens allowed next, bit i of int32 word i // 32 (little-endian) for
+    token i, [ceil(vocab / 32)] words; None: any token."""
 
 
 class StepBatch(msgspec.Struct, frozen=True, array_like=True):

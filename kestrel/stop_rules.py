@@ -33,6 +33,13 @@ class StopRules:
         eos = () if params.ignore_eos else self.eos_token_ids
         return [*eos, *params.stop_token_ids]
 
+    def num_tokens_left(self, params: SamplingParams, num_output_tokens: int, num_tokens: int) -> int:
+        """Tokens that may still be appended before max_tokens or the context length ends the request."""
+        left = self.max_model_len - num_tokens
+        if params.max_tokens is not None:
+            left = min(left, params.max_tokens - num_output_tokens)
+        return max(0, left)
+
     def check(self, params: SamplingParams, token_id: int, num_output_tokens: int, num_tokens: int) -> Stop | None:
         """Whether the request stops after appending `token_id` (now num_output_tokens / num_tokens long)."""
         if num_output_tokens >= params.min_tokens:

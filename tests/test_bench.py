@@ -286,3 +286,14 @@ def test_wait_for_idle_cpu_returns_a_busy_fraction():
 
     busy = wait_for_idle_cpu(max_busy=1.0, window_s=0.05)
     assert 0.0 <= busy <= 1.0
+
+
+def test_bench_serve_json_schema_workload_sends_response_format():
+    from kestrel.bench.serve import BenchPrompt, ServeSpec, request_body
+
+    schema = {"type": "object"}
+    for endpoint in ("/v1/completions", "/v1/chat/completions"):
+        body = request_body(ServeSpec("http://x", endpoint, ignore_eos=False, json_schema=schema), "m",
+                            BenchPrompt("hi", 1, 8))
+        assert body["response_format"] == {"type": "json_schema", "json_schema": {"name": "bench", "schema": schema}}
+        assert "ignore_eos" not in body

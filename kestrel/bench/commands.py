@@ -47,6 +47,8 @@ def _add_offline(sub) -> None:
                    help="timed runs; the figures are the fastest run's (all elapsed times are saved)")
     p.add_argument("--wait-idle", action="store_true",
                    help="before each timed run, wait until other processes leave the CPUs idle (shared machines)")
+    p.add_argument("--json-schema", default=None, metavar="FILE",
+                   help="constrain every output to the JSON schema in FILE (EOS ends it; --output-len is a cap)")
     p.add_argument("--dataset", choices=("random", "shared-prefix", "multi-turn"), default="random",
                    help="random: --num-prompts x --input-len; shared-prefix: --num-groups x --prompts-per-group "
                         "prompts, a --prefix-len system prompt per group then --input-len own tokens; multi-turn: "
@@ -82,7 +84,8 @@ def _run_offline(args: argparse.Namespace) -> int:
     spec = OfflineSpec(num_prompts=num_prompts, input_len=input_len, output_len=args.output_len,
                        batch_size=args.max_num_seqs, temperature=args.temperature, seed=args.seed,
                        num_warmup_tokens=args.num_warmup_tokens, num_iters=args.num_iters,
-                       wait_idle=args.wait_idle, shared_prefix=shared, multi_turn=multi)
+                       wait_idle=args.wait_idle, json_schema=_schema_text(args.json_schema),
+                       shared_prefix=shared, multi_turn=multi)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     if args.backend == "hf":
@@ -151,6 +154,8 @@ def _add_serve(sub) -> None:
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
     p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json-schema", default=None, metavar="FILE",
+                   help="send the JSON schema in FILE as response_format (EOS ends outputs; ignore_eos is off)")
     p.add_argument("--save-result", default=None, help="save the metrics and per-request data as JSON")
     p.set_defaults(func=_run_serve)
 
@@ -161,7 +166,9 @@ def _run_serve(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # no log line per request
     spec = serve.ServeSpec(base_url=args.base_url, endpoint=args.endpoint, model=args.model,
                            request_rate=args.request_rate, max_concurrency=args.max_concurrency,
-                           temperature=args.temperature, top_p=args.top_p, ignore_eos=args.ignore_eos,
+                           temperature=args.temperature, top_p=args.top_p,
+                           ignore_eos=args.ignore_eos and not args.json_schema,
+                           json_schema=json.loads(_schema_text(args.json_schema)) if args.json_schema else None,
                            seed=args.seed,
                            num_warmups=args.num_warmups, request_timeout_s=args.request_timeout,
                            api_key=args.api_key)
@@ -187,6 +194,14 @@ def _run_serve(args: argparse.Namespace) -> int:
     return 0 if metrics.completed else 1
 
 
+def _schema_text(path: str | None) -> str | None:
+    """The JSON text of the schema file (checked to be JSON), or None."""
+    if path is None:
+        return None
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    json.loads(text)
+    return text
 def _serve_prompts(args: argparse.Namespace):
     """(timed prompts, warm-up prompts: None to warm up on the timed ones)."""
     from kestrel.bench import serve

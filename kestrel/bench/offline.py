@@ -3,8 +3,10 @@
 `run_offline(config, spec)` builds an `Engine`, makes the workload's prompts (seeded):
 `spec.num_prompts` prompts of `spec.input_len` random token ids, or a shared-prefix or multi-turn
 workload (`workloads.py`), runs a short warm-up, then times runs in which every request generates
-exactly `spec.output_len` tokens (ignore_eos). The prefix cache is emptied before every run, so
-each run starts cold. It drives `Engine.add_request` / `step` directly, so detokenizing is not
+exactly `spec.output_len` tokens (ignore_eos), or, with `spec.json_schema`, a JSON value of that
+schema (ended by EOS, at most output_len tokens; jump-forward tokens are counted). The prefix
+cache is emptied before every run, so each run starts cold.
+It drives `Engine.add_request` / `step` directly, so detokenizing is not
 timed (Hugging Face `generate`, the baseline, returns ids too). The result is an `OfflineResult`:
 elapsed time, throughputs, time to first token (per turn for multi-turn), the prefix-cache hit rate
 and the time of each pure-decode step (the batch-level TPOT: in such a step every running sequence
@@ -27,7 +29,10 @@ import torch
 from kestrel.bench.workloads import DATASETS, MultiTurn, SharedPrefix, multi_turn_new_tokens, shared_prefix_prompts
 from kestrel.config import EngineConfig
 from kestrel.engine import Engine
+from kestrel.frontend.tokenizer import load_tokenizer
+from kestrel.model_files import resolve_model_path
 from kestrel.sampling_params import SamplingParams
+from kestrel.structured_outputs import StructuredOutputsParams
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +55,8 @@ class OfflineSpec:
     """Timed runs; the figures are those of the fastest (all elapsed times are kept)."""
     wait_idle: bool = False
     """Before each timed run, wait until other processes leave the CPUs idle (shared machines)."""
+    json_schema: str | None = None
+    """JSON text of a schema every output must match (EOS then ends a request; output_len is a cap)."""
     shared_prefix: SharedPrefix | None = None
     """The shared-prefix workload (num_prompts = G x R, input_len = P + Q)."""
     multi_turn: MultiTurn | None = None
@@ -91,6 +98,10 @@ class RunTiming:
     """Duration of each pure-decode step (every running sequence got one token, none its first)."""
     decode_step_batch: list[int] = field(default_factory=list)
     """Sequences decoded in each of those steps."""
+    num_steps: int = 0
+    """Engine steps (forward passes) of the run."""
+    num_sampled_tokens: int = 0
+    """Output tokens that took a forward pass of their own (the rest were jump-forward tokens)."""
     num_prompt_tokens: int = 0
     """Prompt tokens of every request (0: num_prompts x input_len)."""
     num_queried_tokens: int = 0
@@ -132,6 +143,12 @@ class OfflineResult:
     all_elapsed_s: list[float]
     """Elapsed time of every timed run (the figures above are the fastest one's)."""
     machine: dict
+    json_schema: str | None = None
+    """The schema outputs were constrained to (None: free text)."""
+    num_steps: int = 0
+    """Engine steps of the fastest run."""
+    jump_forward_share: float = 0.0
+    """Share of output tokens appended by jump-forward (no forward pass of their own)."""
     dataset: str = "random"
     workload: dict = field(default_factory=dict)
     """The shared-prefix or multi-turn parameters."""
@@ -147,7 +164,8 @@ def run_offline(config: EngineConfig, spec: OfflineSpec, engine: Engine | None =
     """Benchmark the Kestrel engine on `spec` (see the module docstring); `engine`: reuse one built from `config`."""
     if config.max_num_seqs != spec.batch_size:
         raise ValueError("spec.batch_size must equal config.max_num_seqs")
-    engine = engine or Engine(config)
+    engine = engine or Engine(config, tokenizer=lambda: load_tokenizer(config.tokenizer or resolve_model_path(
+        config.model)))
     if spec.max_len > engine.max_model_len:
         raise ValueError(f"the workload needs {spec.max_len} tokens of context (prompt + output), more than "
                          f"the context length {engine.max_model_len}; lower its sizes or raise --max-model-len")
@@ -253,6 +271,8 @@ def summarize(backend: str, model: str, dtype: str, spec: OfflineSpec, timings: 
         per_sequence_tokens_per_s=1e3 / mean_step if steps_ms else float("nan"),
         all_elapsed_s=[t.elapsed_s for t in timings],
         machine=machine_info(),
+        json_schema=spec.json_schema, num_steps=timing.num_steps,
+        jump_forward_share=1 - timing.num_sampled_tokens / num_out if timing.num_sampled_tokens else 0.0,
         dataset=spec.dataset,
         workload=asdict(workload) if workload else {},
         prefix_caching=prefix_caching,
@@ -281,6 +301,9 @@ def print_result(r: OfflineResult) -> None:
         ("Decode-only tokens/s (all seqs):", f"{r.decode_tokens_per_s:.2f}"),
         ("Aggregate ms per output token:", f"{r.ms_per_output_token:.2f}"),
     ]
+    if r.json_schema is not None:
+        rows += [("Constrained to a JSON schema:", "yes"), ("Engine steps (forward passes):", r.num_steps),
+                 ("Jump-forward share of output tokens:", f"{r.jump_forward_share:.1%}")]
     if r.prefix_caching is not None:
         rate = "" if r.prefix_cache_hit_rate is None else f", hit rate {r.prefix_cache_hit_rate:.1%}"
         rows.append(("Prefix cache:", ("on" if r.prefix_caching else "off") + rate))
@@ -308,7 +331,10 @@ def machine_info() -> dict:
 
 # ---- helpers -----------------------------------------------------------------
 def _params(spec: OfflineSpec, max_tokens: int) -> SamplingParams:
-    return SamplingParams(temperature=spec.temperature, max_tokens=max_tokens, ignore_eos=True)
+    if spec.json_schema is None:
+        return SamplingParams(temperature=spec.temperature, max_tokens=max_tokens, ignore_eos=True)
+    return SamplingParams(temperature=spec.temperature, max_tokens=max_tokens,
+                          structured_outputs=StructuredOutputsParams(json=spec.json_schema))
 
 
 def _time_engine_run(engine: Engine, prompts: list[list[int]], params: SamplingParams, tag: str) -> RunTiming:
@@ -323,6 +349,8 @@ def _time_engine_run(engine: Engine, prompts: list[list[int]], params: SamplingP
         outputs = engine.step()
         t1 = time.perf_counter()
         is_pure_decode = bool(outputs)
+        timing.num_steps += 1
+        timing.num_sampled_tokens += len(outputs)
         for out in outputs:
             seen = num_tokens.get(out.request_id, 0)
             if seen == 0:

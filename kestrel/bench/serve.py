@@ -57,6 +57,8 @@ class ServeSpec:
     """Requests sent one by one before the timed run (not counted); the run stops if all fail."""
     request_timeout_s: float = 600.0
     api_key: str | None = None
+    json_schema: dict | None = None
+    """Sent as `response_format` json_schema: every output must match it."""
 
     def __post_init__(self) -> None:
         if self.endpoint not in ENDPOINTS:
@@ -165,6 +167,8 @@ def request_body(spec: ServeSpec, model: str, prompt: BenchPrompt) -> dict:
         body["top_p"] = spec.top_p
     if spec.ignore_eos:
         body["ignore_eos"] = True
+    if spec.json_schema is not None:
+        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "bench", "schema": spec.json_schema}}
     if spec.endpoint == "/v1/chat/completions":
         system = [{"role": "system", "content": prompt.system}] if prompt.system is not None else []
         body["messages"] = [*system, {"role": "user", "content": prompt.text}]

@@ -30,11 +30,12 @@ from typing import NamedTuple
 
 from kestrel.kvcache.manager import KVCacheManager
 from kestrel.kvcache.prefix_cache import PrefixCacheStats
+from kestrel.scheduler.grammar_hook import GrammarHook
 from kestrel.outputs import EngineOutput, logprob_record
 from kestrel.request import FinishReason, Request, RequestStatus
 from kestrel.scheduler.policy import waiting_order
 from kestrel.step_batch import StepResult
-from kestrel.stop_rules import StopRules
+from kestrel.stop_rules import Stop, StopRules
 
 MIN_SHARED_TOKENS_TO_WAIT = 32
 """A waiting request waits a step for another's computation when they share at least this many
@@ -70,8 +71,11 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, kv_manager: KVCacheManager, stop_rules: StopRules, max_num_seqs: int,
-                 max_num_batched_tokens: int, schedule_policy: str = "fcfs") -> None:
+                 max_num_batched_tokens: int, schedule_policy: str = "fcfs",
+                 grammar: GrammarHook | None = None) -> None:
         self.kv_manager = kv_manager
+        self.grammar = grammar
+        """Grammar-constrained decoding (structured outputs); None: no request may ask for it."""
         self.stop_rules = stop_rules
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -87,6 +91,10 @@ class Scheduler:
     def add(self, request: Request) -> None:
         if request.request_id in self._requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
+        if request.params.structured_outputs is not None:
+            if self.grammar is None:
+                raise ValueError("structured_outputs is not available in this engine")
+            self.grammar.add(request)
         request.status = RequestStatus.WAITING
         self._requests[request.request_id] = request
         self.waiting.append(request)
@@ -106,8 +114,9 @@ class Scheduler:
         return len(self._requests)
 
     def needs_token_history(self) -> bool:
-        """A running request with a token in flight reads its past tokens to sample (penalties)."""
-        return any(r.num_inflight_tokens and r.params.has_penalties for r in self.running)
+        """A running request with a token in flight reads its past tokens to sample (penalties, a grammar)."""
+        return any(r.num_inflight_tokens and (r.params.has_penalties or r.params.structured_outputs is not None)
+                   for r in self.running)
 
     def take_finished_ids(self) -> list[str]:
         """Requests that ended since the last call (the worker drops their state)."""
@@ -168,15 +177,30 @@ class Scheduler:
                                           req.params.logprobs)
                 req.logprobs.append(logprobs)
             stop = self.stop_rules.check(req.params, token_id, req.num_output_tokens, req.num_tokens)
+            new_token_ids = [token_id]
+            if stop is None and self.grammar is not None and req.params.structured_outputs is not None:
+                stop = self._jump_forward(req, token_id, new_token_ids)
             if stop is not None:
                 req.stop_token_id = stop.stop_token_id
                 self._finish(req, stop.reason)
-            outputs.append(EngineOutput(req.request_id, [token_id], None if logprobs is None else [logprobs],
+            outputs.append(EngineOutput(req.request_id, new_token_ids, None if logprobs is None else [logprobs],
                                         None if stop is None else stop.reason.value, req.stop_token_id,
                                         req.num_cached_tokens or 0))
         return outputs
 
     # ---- helpers -----------------------------------------------------------
+    def _jump_forward(self, req: Request, token_id: int, new_token_ids: list[int]) -> Stop | None:
+        """Advance the request's grammar; append the tokens it forces (computed next step as a chunk)."""
+        room = self.stop_rules.num_tokens_left(req.params, req.num_output_tokens, req.num_tokens)
+        forced = self.grammar.advance(req, token_id, room)
+        if self.grammar.is_terminated(req):
+            return Stop(FinishReason.STOP, None)  # the grammar ended (EOS under ignore_eos): nothing may follow
+        if not forced:
+            return None
+        req.token_ids.extend(forced)
+        new_token_ids.extend(forced)
+        return self.stop_rules.check(req.params, forced[-1], req.num_output_tokens, req.num_tokens)
+
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         if not self.waiting or budget <= 0 or len(self.running) >= self.max_num_seqs:
             return
@@ -253,12 +277,16 @@ class Scheduler:
             except ValueError:
                 pass
         self._release_kv(req)
+        if self.grammar is not None:
+            self.grammar.release(req.request_id)
         del self._requests[req.request_id]
         self._finished_ids.append(req.request_id)
 
     def _preempt(self, req: Request) -> None:
         """Free the request's slots (its computed KV goes to the prefix cache) and requeue it."""
         self._release_kv(req)
+        if self.grammar is not None:
+            self.grammar.release(req.request_id)  # rebuilt by replaying the output when it runs again
         req.num_computed_tokens = 0
         req.status = RequestStatus.WAITING
         req.num_preemptions += 1

@@ -39,9 +39,10 @@ logger = logging.getLogger(__name__)
 class EngineError(Exception):
     """A request could not be completed; `status_code` is the HTTP status to answer with."""
 
-    def __init__(self, message: str, status_code: int = 500) -> None:
+    def __init__(self, message: str, status_code: int = 500, param: str | None = None) -> None:
         super().__init__(message)
         self.status_code = status_code
+        self.param = param
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +76,8 @@ class RequestGroup:
         """time.monotonic() after which iterating raises a timeout EngineError (None: never)."""
         self._observer = observer
         self.queue: asyncio.Queue[TextDelta | EngineError] = asyncio.Queue()
+        self._held: list[TextDelta | EngineError] = []
+        """Items taken by `wait_first`, handed out again first."""
 
     @property
     def is_finished(self) -> bool:
@@ -83,7 +86,7 @@ class RequestGroup:
     async def __aiter__(self) -> AsyncIterator[tuple[int, TextDelta]]:
         try:
             while self._unfinished:
-                item = await self._next()
+                item = self._held.pop() if self._held else await self._next()
                 if isinstance(item, EngineError):
                     raise item
                 if item.finish_reason is not None:
@@ -93,6 +96,13 @@ class RequestGroup:
                 yield self._index_of[item.request_id], item
         finally:
             self.close()
+
+    async def wait_first(self) -> None:
+        """Wait until the engine has accepted the group (its first delta); EngineError if it refused it."""
+        item = await self._next()
+        self._held.append(item)
+        if isinstance(item, EngineError):
+            raise item
 
     async def _next(self) -> TextDelta | EngineError:
         if self._deadline is None:
@@ -214,7 +224,8 @@ class EngineClient:
         elif isinstance(message, RequestFailed):
             group = self._groups.pop(message.request_id, None)
             if group is not None:
-                group.queue.put_nowait(EngineError(message.message, 400 if message.is_user_error else 500))
+                group.queue.put_nowait(EngineError(message.message, 400 if message.is_user_error else 500,
+                                                   message.param))
         elif isinstance(message, EngineStats):
             future = self._stats_waiters.get(message.nonce)
             if future is not None and not future.done():

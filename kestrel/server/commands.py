@@ -32,6 +32,8 @@ def add_parser(subparsers) -> None:
                        help="model name(s) requests may use (default: the MODEL argument)")
     serve.add_argument("--api-key", default=os.environ.get("KESTREL_API_KEY"),
                        help="require 'Authorization: Bearer <key>' (default: $KESTREL_API_KEY)")
+    serve.add_argument("--tool-call-parser", default="auto", choices=("auto", "hermes", "llama3_json", "mistral"),
+                       help="format of tool calls in the output (default: read from the chat template)")
     serve.add_argument("--disable-uvicorn-access-log", action="store_true", help="no log line per HTTP request")
     _add_reliability_args(serve)
     serve.add_argument("--truncate-chat-history", action="store_true",
@@ -91,7 +93,8 @@ def _serve(args: argparse.Namespace) -> int:
         stall_timeout_s=args.stall_timeout, restart_engine=args.restart_engine,
         shutdown_timeout_s=args.shutdown_timeout, max_queued_requests=args.max_queued_requests,
         request_timeout_s=args.request_timeout, max_request_body_mb=args.max_request_body_mb,
-        allowed_origins=tuple(args.allowed_origins), truncate_chat_history=args.truncate_chat_history)
+        allowed_origins=tuple(args.allowed_origins), truncate_chat_history=args.truncate_chat_history,
+        tool_call_parser=args.tool_call_parser)
     return serve(config, server_config)
 
 

@@ -44,6 +44,8 @@ class ServerConfig:
     log_level: str = "info"
     access_log: bool = True
     """Log one line per HTTP request (uvicorn's access log)."""
+    tool_call_parser: str = "auto"
+    """Format of tool calls in the output (hermes, llama3_json, mistral); auto: read from the chat template."""
     truncate_chat_history: bool = False
     """A chat longer than the context loses its oldest turns after the system message (else: a 400);
     a request's `truncate_chat_history` overrides it."""

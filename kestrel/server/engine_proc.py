@@ -48,8 +48,10 @@ def run_engine_process(config: EngineConfig, server_config: ServerConfig, addrs:
     _, inbox, (outbox,) = open_sockets(addrs.engine_inbox, addrs.detokenizer_inbox)
     try:
         from kestrel.engine import Engine  # torch is imported here, in this process only
+        from kestrel.frontend.tokenizer import load_tokenizer
 
-        engine = Engine(replace(config, show_progress=False))
+        engine = Engine(replace(config, show_progress=False),
+                        tokenizer=lambda: load_tokenizer(config.tokenizer or engine.model_path))
     except Exception:
         logger.exception("could not load the model")
         sys.exit(1)
@@ -58,6 +60,7 @@ def run_engine_process(config: EngineConfig, server_config: ServerConfig, addrs:
                                    engine.kv_manager.num_slots, list(mc.eos_token_ids), config.max_num_seqs)))
     ready.send(True)
     ready.close()
+    engine.structured.preload()  # the tokenizer for grammars, while the first requests run
     logger.info("engine ready: %s, max_model_len %d, %d KV slots", engine.model_path,
                 engine.max_model_len, engine.kv_manager.num_slots)
     EngineLoop(engine, inbox, outbox, server_config.model_name, server_config.log_stats_interval_s).run()
@@ -146,7 +149,7 @@ class EngineLoop:
         try:
             self.engine.add_request(message.request_id, message.prompt_token_ids, message.params)
         except ValueError as e:
-            self._pending.failed.append(RequestFailed(message.request_id, str(e)))
+            self._pending.failed.append(RequestFailed(message.request_id, str(e), param=getattr(e, "param", None)))
             return
         except Exception:
             logger.exception("could not add request %s", message.request_id)

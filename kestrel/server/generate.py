@@ -2,7 +2,8 @@
 
 Input: `text` (a string or a list) or `input_ids` (a list or a list of lists), `sampling_params`
 with SGLang's names (max_new_tokens, min_new_tokens, no_stop_trim, sampling_seed, ...), `stream`,
-`return_logprob` and `top_logprobs_num`. Output: `{"text", "output_ids", "meta_info"}` for one prompt
+`return_logprob` and `top_logprobs_num` (`regex`, `json_schema` or `ebnf` in sampling_params constrain
+the output). Output: `{"text", "output_ids", "meta_info"}` for one prompt
 and n == 1, else a list of them (each with "index"). Streaming sends the same object with the text
 so far (cumulative, as SGLang does) after each step, then `data: [DONE]`. No torch here.
 """
@@ -20,7 +21,8 @@ from kestrel.server.errors import APIError
 from kestrel.server.protocol import GenerateRequest
 from kestrel.server.serving import (Choice, ClientGone, ServerState, SSEResponse, arrival_time, check_token_ids,
                                     client_gone_response, collect, encode_text, make_sampling_params, parse_body,
-                                    sse, submit, until_disconnect)
+                                    sse, submit, until_disconnect, wait_accepted)
+from kestrel.server.structured import generate_constraint
 
 _RENAMES = {"max_tokens": "max_new_tokens", "min_tokens": "min_new_tokens",
             "include_stop_str_in_output": "no_stop_trim", "seed": "sampling_seed"}
@@ -45,14 +47,17 @@ async def generate(state: ServerState, request: Request) -> Response:
                  include_stop_str_in_output=sp.no_stop_trim,
                  logprobs=(req.top_logprobs_num or 0) if req.return_logprob else None)
     kwargs = {k: v for k, v in given.items() if v is not None}
+    constraint = generate_constraint(sp)
     params = make_sampling_params(state, [len(p) for p in prompts], sp.max_new_tokens, renames, prompt_param,
-                                  **kwargs)
+                                  structured_outputs=constraint, **kwargs)
     request_id = req.rid or uuid.uuid4().hex
     group = await submit(state, request_id, prompts, params, arrival_time(request))
     num_choices = len(prompts) * params.n
     prompt_lens = [len(prompts[i // params.n]) for i in range(num_choices)]
     as_list = is_batch or num_choices > 1
     if req.stream:
+        if constraint is not None:
+            await wait_accepted(group)
         return SSEResponse(_stream(request_id, group, prompt_lens, bool(req.return_logprob), as_list), group)
     try:
         choices = await until_disconnect(request, collect(group, num_choices))

@@ -27,13 +27,16 @@ from kestrel.server.client import RequestGroup
 from kestrel.server.errors import APIError
 from kestrel.messages import TextDelta
 from kestrel.server.protocol import (ChatChoiceLogprobs, ChatCompletionChoice, ChatCompletionChunk,
-                                     ChatCompletionRequest, ChatCompletionResponse, ChatResponseMessage,
+                                     ChatCompletionRequest, ChatCompletionResponse,
                                      ChatStreamChoice, ChatTokenLogprob, ChatTopLogprob, CompletionChoice,
                                      CompletionLogprobs, CompletionRequest, CompletionResponse, DeltaMessage,
                                      PromptTokensDetails, SamplingRequest, UsageInfo)
 from kestrel.server.serving import (Choice, ClientGone, ServerState, SSEResponse, arrival_time, check_token_ids,
                                     client_gone_response, collect, encode_text, make_sampling_params, parse_body,
-                                    sse, submit, until_disconnect)
+                                    sse, submit, until_disconnect, wait_accepted)
+from kestrel.server.structured import openai_constraint
+from kestrel.server.tool_answers import ToolStream, chat_message as _chat_message
+from kestrel.server.tools import ToolPlan, plan_tools, template_messages
 
 logger = logging.getLogger(__name__)
 
@@ -48,32 +51,36 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
         raise APIError("'messages' must not be empty: give at least one message", param="messages")
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError("'top_logprobs' needs 'logprobs' set to true", param="top_logprobs")
+    template = getattr(state.tokenizer, "chat_template", None)
+    plan = plan_tools(req, state.config.tool_call_parser, template)
+    constraint = openai_constraint(req, plan.constraint)
     uses_completion_name = req.max_completion_tokens is not None
     max_tokens = req.max_completion_tokens if uses_completion_name else req.max_tokens
-    prompt_ids, num_dropped = await state.run_blocking(_render_chat, state, req, max_tokens)
+    prompt_ids, num_dropped = await state.run_blocking(_render_chat, state, req, plan, max_tokens)
     headers = {"X-Kestrel-Dropped-Messages": str(num_dropped)} if num_dropped else {}
     renames = {"logprobs": "top_logprobs"}
     if uses_completion_name:
         renames["max_tokens"] = "max_completion_tokens"
     num_logprobs = (req.top_logprobs or 0) if req.logprobs else None
     params = make_sampling_params(state, [len(prompt_ids)], max_tokens, renames, "messages",
-                                  logprobs=num_logprobs, **_sampling_kwargs(req))
+                                  logprobs=num_logprobs, structured_outputs=constraint, **_sampling_kwargs(req))
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     group = await submit(state, request_id, [prompt_ids], params, arrival_time(request))
     usage = _Usage(len(prompt_ids), params.n)
     if req.stream:
+        if constraint is not None:
+            await wait_accepted(group)
         opts = req.stream_options
         return SSEResponse(_chat_stream(state, request_id, group, usage, bool(opts and opts.include_usage),
-                                        bool(opts and opts.continuous_usage_stats)), group, headers)
+                                        bool(opts and opts.continuous_usage_stats), plan), group, headers)
     try:
         choices = await until_disconnect(request, collect(group, params.n))
     except ClientGone:
         return client_gone_response()
-    out = [ChatCompletionChoice(index=i, message=ChatResponseMessage(content=c.text),
+    out = [ChatCompletionChoice(index=i, message=message, finish_reason=finish,
                                 logprobs=_chat_logprobs(c.logprobs) if num_logprobs is not None else None,
-                                finish_reason=c.finish_reason,
                                 stop_reason=c.stop_reason)
-           for i, c in enumerate(choices)]
+           for i, c in enumerate(choices) for message, finish in [_chat_message(c, plan)]]
     usage.add_choices(choices)
     return _json(ChatCompletionResponse(id=request_id, model=state.config.model_name, choices=out,
                                         usage=usage.info()), headers)
@@ -89,13 +96,17 @@ async def create_completion(state: ServerState, request: Request) -> Response:
     if req.echo and req.logprobs is not None:
         raise APIError("'echo' together with 'logprobs' is not supported (no prompt logprobs yet)", param="echo")
     texts, prompts = await state.run_blocking(_encode_prompts, state, req.prompt)
+    constraint = openai_constraint(req)
     params = make_sampling_params(state, [len(p) for p in prompts], 16 if req.max_tokens is None else req.max_tokens,
-                                  {}, "prompt", logprobs=req.logprobs, **_sampling_kwargs(req))
+                                  {}, "prompt", logprobs=req.logprobs, structured_outputs=constraint,
+                                  **_sampling_kwargs(req))
     request_id = f"cmpl-{uuid.uuid4().hex}"
     group = await submit(state, request_id, prompts, params, arrival_time(request))
     usage = _Usage(sum(len(p) for p in prompts), params.n)
     echo = [texts[i // params.n] if req.echo else "" for i in range(len(prompts) * params.n)]
     if req.stream:
+        if constraint is not None:
+            await wait_accepted(group)
         opts = req.stream_options
         return SSEResponse(_completion_stream(state, request_id, group, usage, echo, req.logprobs is not None,
                                               bool(opts and opts.include_usage),
@@ -134,16 +145,18 @@ def _sampling_kwargs(req: SamplingRequest) -> dict:
     return {k: v for k, v in given.items() if v is not None}
 
 
-def _render_chat(state: ServerState, req: ChatCompletionRequest, max_tokens: int | None) -> tuple[list[int], int]:
+def _render_chat(state: ServerState, req: ChatCompletionRequest, plan: ToolPlan,
+                 max_tokens: int | None) -> tuple[list[int], int]:
     """(prompt token ids, messages dropped to fit the context: only with --truncate-chat-history)."""
     from kestrel.frontend.chat_history import fit_conversation
     from kestrel.frontend.tokenizer import apply_chat_template  # imports transformers: keep it lazy
 
-    messages = [m.as_template_dict() for m in req.messages]
+    template = getattr(state.tokenizer, "chat_template", None)
+    messages = template_messages([m.as_template_dict() for m in req.messages], plan, template)
     kwargs = dict(req.chat_template_kwargs or {})
-    if req.tools:
-        kwargs["tools"] = req.tools
-    if not getattr(state.tokenizer, "chat_template", None):
+    if plan.tools:
+        kwargs["tools"] = plan.tools
+    if not template:
         raise APIError("this model has no chat template: use /v1/completions with a plain prompt", param="messages")
 
     def render(msgs: list[dict]) -> list[int]:
@@ -212,9 +225,10 @@ class _Usage:
 
 
 async def _chat_stream(state: ServerState, request_id: str, group: RequestGroup, usage: _Usage,
-                       include_usage: bool, continuous_usage: bool) -> AsyncIterator[str]:
+                       include_usage: bool, continuous_usage: bool, plan: ToolPlan) -> AsyncIterator[str]:
     model, created = state.config.model_name, int(time.time())
     started: set[int] = set()
+    tool_streams: dict[int, ToolStream] = {}
     async for index, delta in group:
         usage.add(index, delta)
         running = usage.info() if continuous_usage else None
@@ -223,18 +237,21 @@ async def _chat_stream(state: ServerState, request_id: str, group: RequestGroup,
             first = ChatStreamChoice(index=index, delta=DeltaMessage(role="assistant", content=""))
             yield sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=[first],
                                           usage=running))
-        if not (delta.text or delta.finish_reason or delta.logprobs):
+        text, calls, finish = delta.text, None, delta.finish_reason
+        if plan.fmt is not None:
+            stream = tool_streams.setdefault(index, ToolStream(plan.fmt))
+            text, calls, finish = stream.feed(delta.text, delta.finish_reason)
+        if not (text or calls or finish or delta.logprobs):
             continue
-        choice = ChatStreamChoice(index=index, delta=DeltaMessage(content=delta.text),
+        choice = ChatStreamChoice(index=index, delta=DeltaMessage(content=text if text or not calls else None,
+                                                                  tool_calls=calls),
                                   logprobs=_chat_logprobs(delta.logprobs) if delta.logprobs else None,
-                                  finish_reason=delta.finish_reason,
-                                  stop_reason=delta.stop_reason)
+                                  finish_reason=finish, stop_reason=delta.stop_reason)
         yield sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=[choice],
                                       usage=running))
     if include_usage:
         yield sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=[],
                                       usage=usage.info()))
-
 
 async def _completion_stream(state: ServerState, request_id: str, group: RequestGroup, usage: _Usage,
                              echo: list[str], want_logprobs: bool, include_usage: bool,

@@ -31,7 +31,48 @@ class StreamOptions(_Request):
     """Put the running `usage` in every chunk (vLLM extension)."""
 
 
-class SamplingRequest(_Request):
+class JsonSchemaFormat(_Request):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict | bool | None = Field(None, alias="schema")
+    strict: bool | None = None
+    """Accepted and always honoured: constrained output matches the schema."""
+
+
+class ResponseFormat(_Request):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsRequest(_Request):
+    """vLLM's `structured_outputs` object; fields Kestrel cannot honour are refused (extra="forbid")."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", populate_by_name=True)
+    json_: dict | bool | str | None = Field(None, alias="json")
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    structural_tag: str | dict | None = None
+
+
+class StructuredFields(_Request):
+    """Every way a request can constrain its output (OpenAI, vLLM and vLLM's older `guided_*` names)."""
+
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsRequest | None = None
+    guided_json: dict | bool | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
+    """Accepted when empty or "xgrammar" (the only backend)."""
+    guided_whitespace_pattern: str | None = None
+    """Not supported: refused when set."""
+
+
+class SamplingRequest(StructuredFields):
     """Fields shared by /v1/chat/completions and /v1/completions (OpenAI names + vLLM extensions)."""
 
     model: str | None = None
@@ -98,6 +139,7 @@ class ChatCompletionRequest(SamplingRequest):
     top_logprobs: int | None = None
     tools: list[dict] | None = None
     tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
     add_generation_prompt: bool | None = True
     chat_template_kwargs: dict | None = None
     truncate_chat_history: bool | None = None
@@ -137,6 +179,10 @@ class GenerateSamplingParams(_Request):
     n: int | None = 1
     sampling_seed: int | None = None
     seed: int | None = None
+    regex: str | None = None
+    json_schema: str | None = None
+    """A JSON schema as JSON text (SGLang's form)."""
+    ebnf: str | None = None
 
 
 class GenerateRequest(_Request):
@@ -196,15 +242,35 @@ class ChatChoiceLogprobs(_Response):
     content: list[ChatTokenLogprob] | None
 
 
+class FunctionCall(_Response):
+    name: str | None = None
+    arguments: str | None = None
+    """JSON text of the arguments (streamed in pieces)."""
+
+
+class ToolCall(_Response):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ToolCallDelta(_Response):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCall
+
+
 class ChatResponseMessage(_Response):
     role: Literal["assistant"] = "assistant"
     content: str | None
-    tool_calls: list[dict] = Field(default_factory=list)
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class DeltaMessage(_Response):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class _ChatChoice(_Choice):

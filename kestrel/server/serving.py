@@ -239,10 +239,19 @@ async def collect(group: RequestGroup, num_choices: int) -> list[Choice]:
         async for index, delta in group:
             choices[index].add(delta)
     except EngineError as e:
-        raise APIError(str(e), e.status_code) from None
+        raise APIError(str(e), e.status_code, param=e.param) from None
     finally:
         group.close()
     return choices
+
+
+async def wait_accepted(group: RequestGroup) -> None:
+    """Before a stream commits to 200: wait for the engine to accept the group (e.g. compile its grammar)."""
+    try:
+        await group.wait_first()
+    except EngineError as e:
+        group.close()
+        raise APIError(str(e), e.status_code, param=e.param) from None
 
 
 class ClientGone(Exception):

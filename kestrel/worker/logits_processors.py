@@ -3,8 +3,8 @@
 A processor does its host work once per step in `prepare(rows, device)` (None when no row needs
 it, so it costs nothing) and changes the float32 logits [num_rows, vocab] in place in `apply_`.
 The sampler runs them in order after the raw logprobs are taken and before greedy / random
-sampling. Built in: blocked ids (EOS and stop ids before min_tokens), then repetition / frequency /
-presence penalties. Grammar-constrained decoding plugs in here too (a bitmask per row).
+sampling. Built in: grammar bitmasks (structured outputs: each constrained row's allowed ids, packed),
+blocked ids (EOS and stop ids before min_tokens), then repetition / frequency / presence penalties.
 """
 
 from __future__ import annotations
@@ -27,6 +27,38 @@ class LogitsProcessor(Protocol):
     def apply_(self, logits: torch.Tensor, prepared: object, knobs: Knobs) -> None:
         """Change `logits` [num_rows, vocab] (float32) in place."""
         ...
+
+
+class GrammarBitmask:
+    """Sets the ids a row's grammar does not allow to -inf (rows without a bitmask are left alone).
+
+    The engine packs each constrained row's allowed ids as int32 words (bit i % 32 of word i // 32 is
+    token i, little-endian); `prepare` unpacks them on the host with numpy (one C loop), so no grammar
+    library is needed here.
+    """
+
+    def prepare(self, rows: Sequence[SamplingRow], device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        constrained = [i for i, row in enumerate(rows) if row.token_bitmask is not None]
+        if not constrained:
+            return None
+        packed = np.frombuffer(b"".join(rows[i].token_bitmask for i in constrained), dtype=np.uint8)
+        bits = np.unpackbits(~packed.reshape(len(constrained), -1), axis=1, bitorder="little")  # [C, words * 32]
+        blocked = torch.from_numpy(bits.view(np.bool_))  # [C, words * 32]: True = not allowed
+        index = torch.tensor(constrained, dtype=torch.int64)  # [C]
+        return index.to(device, non_blocking=True), blocked.to(device, non_blocking=True)
+
+    def apply_(self, logits: torch.Tensor, prepared: tuple[torch.Tensor, torch.Tensor], knobs: Knobs) -> None:
+        index, blocked = prepared
+        vocab = logits.shape[1]
+        if blocked.shape[1] < vocab:  # ids past the grammar's vocabulary are never allowed
+            blocked = torch.nn.functional.pad(blocked, (0, vocab - blocked.shape[1]), value=True)
+        blocked = blocked[:, :vocab]  # [C, vocab]
+        if len(index) == logits.shape[0]:  # every row is constrained (index is 0..C-1)
+            logits.masked_fill_(blocked, float("-inf"))
+            return
+        rows = logits.index_select(0, index)  # [C, vocab]
+        rows.masked_fill_(blocked, float("-inf"))
+        logits.index_copy_(0, index, rows)
 
 
 class BlockedIds:
@@ -87,7 +119,7 @@ class Penalties:
             logits -= knobs.presence_penalty.unsqueeze(1) * (counts > 0)
 
 
-DEFAULT_PROCESSORS: tuple[LogitsProcessor, ...] = (BlockedIds(), Penalties())
+DEFAULT_PROCESSORS: tuple[LogitsProcessor, ...] = (GrammarBitmask(), BlockedIds(), Penalties())
 
 
 def _flatten(

@@ -43,6 +43,8 @@ class SamplingRow(NamedTuple):
     """Tokens generated so far (for penalties)."""
     blocked_token_ids: Sequence[int] = ()
     """Ids that must not be sampled this step (EOS / stop ids before min_tokens)."""
+    token_bitmask: bytes | None = None
+    """Grammar-constrained rows: the packed int32 bitmask of the ids allowed this step (`SampleRow`)."""
 
 
 class SamplerOutput(NamedTuple):

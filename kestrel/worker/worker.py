@@ -159,7 +159,7 @@ class Worker:
                 generator = torch.Generator(device=self.device).manual_seed(params.seed % (2**63))
                 self._generators[row.request_id] = generator
         return SamplingRow(params, generator, row.prompt_token_ids or (), row.output_token_ids or (),
-                           row.blocked_token_ids)
+                           row.blocked_token_ids, row.token_bitmask)
 
 
 class PendingStep:

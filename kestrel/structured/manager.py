@@ -1,0 +1,156 @@
+"""Per-request grammar state on the engine side: matchers, token bitmasks and jump-forward.
+
+Owns one `xgrammar.GrammarMatcher` per constrained request while it runs. The scheduler calls it
+(`kestrel.scheduler.grammar_hook.GrammarHook`): `add` compiles the constraint when the request
+arrives (a `GrammarError` refuses it), `bitmask` packs the tokens allowed next into the request's
+`SampleRow`, `advance` accepts each sampled token and returns the jump-forward tokens to append,
+`release` drops the matcher (finish, abort, preemption). A matcher that was dropped by preemption
+is rebuilt by replaying the request's output tokens into a fresh one.
+
+Jump-forward rule: when the grammar admits exactly one continuation string (JSON keys, separators,
+constants), that string is tokenized on its own (the tokenizer's canonical split) and all but its
+last token are appended at once; the next step computes them as one prefill chunk. The last token is
+held back because it may merge with what the model writes next (` ` + `30` is one token, ` 30`).
+The text of a forced run is what plain constrained decoding must produce too (the grammar admits
+nothing else); what may differ is its split into tokens, so later free choices of the model can
+differ. Requests that ask for logprobs are never jump-forwarded (forced tokens have none).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import replace
+
+import xgrammar as xgr
+
+from kestrel.request import Request
+from kestrel.structured.compiler import GrammarCompiler
+
+logger = logging.getLogger(__name__)
+
+
+class StructuredOutputManager:
+    """Grammar matchers of the running constrained requests, for one model's vocabulary."""
+
+    def __init__(self, load_tokenizer: Callable[[], object], vocab_size: int, eos_token_ids: tuple[int, ...],
+                 jump_forward: bool = True, cache_size: int = 128) -> None:
+        self._load_tokenizer = load_tokenizer
+        self.vocab_size = vocab_size
+        self.eos_token_ids = eos_token_ids
+        self.jump_forward = jump_forward
+        self.cache_size = cache_size
+        self._lock = threading.Lock()
+        self._compiler: GrammarCompiler | None = None
+        self._encode: Callable[[str], list[int]] | None = None
+        self._load_error: Exception | None = None
+        self._matchers: dict[str, xgr.GrammarMatcher] = {}
+        self._bitmask = xgr.allocate_token_bitmask(1, vocab_size)  # [1, ceil(vocab / 32)] int32
+        self.num_jump_forward_tokens = 0
+        """Tokens appended by jump-forward since start (they took no forward pass of their own)."""
+
+    # ---- start-up ------------------------------------------------------------
+    def preload(self) -> None:
+        """Load the tokenizer and vocabulary in a background thread (the first `add` waits for it)."""
+        threading.Thread(target=self._build, name="grammar-tokenizer", daemon=True).start()
+
+    @property
+    def compiler(self) -> GrammarCompiler:
+        self._build()
+        if self._compiler is None:
+            raise RuntimeError(f"structured outputs are unavailable: {self._load_error}")
+        return self._compiler
+
+    def _build(self) -> None:
+        with self._lock:
+            if self._compiler is not None or self._load_error is not None:
+                return
+            try:
+                tokenizer = self._load_tokenizer()
+                info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=self.vocab_size,
+                                                          stop_token_ids=list(self.eos_token_ids))
+                backend = getattr(tokenizer, "backend_tokenizer", None)
+                if backend is not None:
+                    self._encode = lambda text: backend.encode(text, add_special_tokens=False).ids
+                else:
+                    self._encode = lambda text: tokenizer.encode(text, add_special_tokens=False)
+                self._compiler = GrammarCompiler(info, self.cache_size)
+            except Exception as e:  # reported to each constrained request, never fatal to the engine
+                logger.exception("cannot set up structured outputs")
+                self._load_error = e
+
+    # ---- the hook the scheduler calls ------------------------------------------
+    def add(self, request: Request) -> None:
+        """Compile the request's constraint (cached); GrammarError when it does not compile."""
+        if request.params.structured_outputs is not None:
+            self.compiler.compile(request.params.structured_outputs)
+
+    def bitmask(self, request: Request) -> bytes | None:
+        """The tokens the request may sample next, packed ([ceil(vocab / 32)] int32); None: any."""
+        matcher = self._matcher(request)
+        if matcher is None or matcher.is_terminated():
+            return None
+        if not matcher.fill_next_token_bitmask(self._bitmask, 0):
+            return None
+        return self._bitmask.numpy().tobytes()
+
+    def can_end(self, request: Request) -> bool:
+        """The grammar is complete: only an end-of-sequence token may come next."""
+        matcher = self._matchers.get(request.request_id)
+        return matcher is not None and matcher.is_completed()
+
+    def is_terminated(self, request: Request) -> bool:
+        matcher = self._matchers.get(request.request_id)
+        return matcher is not None and matcher.is_terminated()
+
+    def advance(self, request: Request, token_id: int, max_new_tokens: int) -> list[int]:
+        """Accept the sampled `token_id` (already appended); return up to `max_new_tokens` forced tokens."""
+        if request.params.structured_outputs is None:
+            return []
+        matcher = self._matchers.get(request.request_id)
+        if matcher is None:  # rebuilt from the output so far, which holds token_id already
+            self._matcher(request)
+            return []
+        if not matcher.accept_token(token_id):
+            logger.warning("request %s sampled token %d outside its grammar; it is no longer constrained",
+                           request.request_id, token_id)
+            request.params = replace(request.params, structured_outputs=None)
+            self.release(request.request_id)
+            return []
+        if not self.jump_forward or request.params.logprobs is not None or max_new_tokens < 1:
+            return []
+        return self._jump_forward(matcher, max_new_tokens)
+
+    def release(self, request_id: str) -> None:
+        """Drop a request's matcher (finished, aborted or preempted); unknown ids are ignored."""
+        self._matchers.pop(request_id, None)
+
+    # ---- helpers -------------------------------------------------------------
+    def _matcher(self, request: Request) -> xgr.GrammarMatcher | None:
+        spec = request.params.structured_outputs
+        if spec is None:
+            return None
+        matcher = self._matchers.get(request.request_id)
+        if matcher is None:
+            matcher = xgr.GrammarMatcher(self.compiler.compile(spec))
+            for token_id in request.output_token_ids:  # replay after preemption
+                if not matcher.accept_token(token_id):
+                    break
+            self._matchers[request.request_id] = matcher
+        return matcher
+
+    def _jump_forward(self, matcher: xgr.GrammarMatcher, max_new_tokens: int) -> list[int]:
+        if matcher.is_terminated():
+            return []
+        text = matcher.find_jump_forward_string()
+        if not text:
+            return []
+        forced = []
+        for token_id in self._encode(text)[:-1][:max_new_tokens]:  # the last one is held back
+            if not matcher.accept_token(token_id):
+                break
+            forced.append(token_id)
+        self.num_jump_forward_tokens += len(forced)
+        return forced
+

@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.server_harness import start_server, stop, tiny_model
+from tests.server_harness import engine_state, start_server, stop, tiny_model, wait_for
 
 _MAX_MODEL_LEN = 48
 _ORIGIN = "http://dashboard.example"
@@ -126,7 +126,7 @@ def test_queue_limit_gives_503_with_retry_after(server):
     threads = [threading.Thread(target=call) for _ in range(6)]  # 4 running + 2 queued fill it
     for t in threads:
         t.start()
-    time.sleep(0.5)
+    wait_for(lambda: engine_state(server.url)["api"]["num_in_flight_requests"] == 6)  # however loaded the machine
     r = httpx.post(server.url + "/v1/completions", json=body, timeout=120)
     for t in threads:
         t.join(120)

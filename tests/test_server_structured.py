@@ -16,7 +16,8 @@ import jsonschema
 import openai
 import pytest
 
-from tests.test_server_e2e import MODEL, _start_server, _stop
+from tests.server_harness import start_server as _start_server, stop as _stop
+from tests.test_server_e2e import MODEL
 
 _SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
                                             "age": {"type": "integer", "minimum": 0, "maximum": 99}},

@@ -28,6 +28,10 @@ ERROR_TEXT = {
 GENERATING_ERRORS = (400, 401, 404, 408, 413, 500, 503)
 
 
+_SSE_EVENT = {"type": "object", "required": ["data"],
+              "properties": {"data": {"type": "string"}, "event": {"type": "string"}}}
+"""One server-sent event (OpenAPI 3.1: an event-stream's `schema` describes each event)."""
+
 def route_docs(reply: object | None = None, body: type[BaseModel] | None = None, errors: tuple[int, ...] = (),
                streams: bool = False, content_type: str | None = None, description: str = "") -> dict:
     """Keyword arguments for `router.get/post` documenting a route."""
@@ -35,7 +39,7 @@ def route_docs(reply: object | None = None, body: type[BaseModel] | None = None,
     if content_type is not None:
         ok["content"] = {content_type: {"schema": {"type": "string"}}}
     elif streams:
-        ok["content"] = {"text/event-stream": {"schema": {"type": "string"},
+        ok["content"] = {"text/event-stream": {"schema": _SSE_EVENT,
                                                "description": "With `stream: true`: `data: {json}` events, "
                                                               "`data: [DONE]` last."}}
     responses: dict = {200: ok}

@@ -63,6 +63,30 @@ def _timeline(prof, steps: int, device: str) -> None:
         print(f"  {e.self_cpu_time_total / steps:9.1f} us/step  x{e.count / steps:<6.1f} {e.key[:90]}")
 
 
+def _host_timers(engine: Engine) -> dict[str, float]:
+    """Wall time of each host phase of Engine.step (wrapped on this engine only), accumulated in seconds."""
+    acc: dict[str, float] = {}
+
+    def wrap(obj, name: str, label: str) -> None:
+        inner = getattr(obj, name)
+
+        def timed(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                acc[label] = acc.get(label, 0.0) + time.perf_counter() - t
+        setattr(obj, name, timed)
+
+    wrap(engine.scheduler, "schedule", "schedule")
+    wrap(engine, "_commit", "build batch + commit")
+    wrap(engine.executor, "submit", "worker submit (stage, launch, sampler)")
+    wrap(engine.executor, "execute", "worker execute (sync)")
+    wrap(engine, "_apply_inflight", "apply result (wait + update)")
+    wrap(engine.scheduler, "update", "update")
+    return acc
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)
@@ -73,6 +97,7 @@ def main() -> int:
                           max_model_len=4096, max_num_seqs=256, max_num_batched_tokens=8192, show_progress=False)
     engine = Engine(config)
     print(f"async scheduling: {engine.async_scheduling}")
+    phases = _host_timers(engine)
     vocab = engine.model_config.vocab_size
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device != "cpu" else [])
     sync = torch.cuda.synchronize if args.device != "cpu" else (lambda: None)
@@ -83,6 +108,20 @@ def main() -> int:
         for _ in range(8):  # prefill and a few decode steps
             engine.step()
         sync()
+        t0 = time.perf_counter()  # unprofiled first: the profiler's own host cost inflates wall time
+        for _ in range(args.steps):
+            engine.step()
+        sync()
+        plain = time.perf_counter() - t0
+        phases.clear()
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            engine.step()
+        sync()
+        timed = time.perf_counter() - t0
+        print(f"== decode batch {batch}: unprofiled wall {plain / args.steps * 1e3:.3f} ms/step; with host timers "
+              f"{timed / args.steps * 1e3:.3f} ms/step: "
+              + ", ".join(f"{k} {v / args.steps * 1e3:.3f}" for k, v in phases.items()))
         with profile(activities=activities) as prof:
             t0 = time.perf_counter()
             for _ in range(args.steps):

@@ -157,3 +157,24 @@ def test_lpm_prefers_the_longest_cached_prefix_when_the_queue_is_long():
                 if req.request_id not in order:
                     order.append(req.request_id)
         assert order == expected, policy
+
+
+def test_full_pool_evicts_a_batch_not_one_slot_per_allocation():
+    """A full pool of cached prompts: decoding requests short by one slot each trigger one eviction of
+    `EVICT_AT_LEAST` of the pool, not one leaf scan per slot (the H200 n2000 regression: 35 ms/step)."""
+    kv = KVCacheManager(640, 4, 640, RadixCache)
+    for i in range(10):  # ten finished 64-token prompts fill the pool, all cached
+        assert kv.allocate(f"done{i}", 64)
+        kv.free(f"done{i}", [1000 * i + t for t in range(64)])
+    assert kv.num_free_slots == 0 and kv.num_cached_slots == 640
+    calls = []
+    evict = kv.prefix_cache.evict
+    kv.prefix_cache.evict = lambda n: calls.append(n) or evict(n)
+    for _ in range(10):  # one slot at a time, as a decode step allocates
+        assert kv.allocate("decoding", 1)
+    assert calls == [640 // 64]
+    assert kv.num_cached_slots == 630 and kv.num_slots_of("decoding") == 10
+    kv.check_integrity()
+    assert not kv.allocate("big", 640)  # more than free + evictable: nothing changes, nothing evicted
+    assert calls == [640 // 64]
+    kv.check_integrity()

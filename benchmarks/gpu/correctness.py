@@ -56,15 +56,19 @@ def _generate(engine: Engine, prompts: list[list[int]], params: SamplingParams, 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None)
+    parser.add_argument("--device", default="cuda", help="cpu: a smoke run of the script (no CUDA graphs there)")
+    parser.add_argument("--num-prompts", type=int, default=32)
     args = parser.parse_args()
+    dev = args.device
     results: dict = {}
     ok = True
     with tempfile.TemporaryDirectory() as path:
         _small_llama(path)
         rng = random.Random(0)
-        prompts = [[rng.randrange(3, 32000) for _ in range(rng.randrange(16, 200))] for _ in range(32)]
+        prompts = [[rng.randrange(3, 32000) for _ in range(rng.randrange(16, 200))]
+                   for _ in range(args.num_prompts)]
         greedy = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
-        common = dict(model=path, show_progress=False, dtype="bfloat16", device="cuda", max_model_len=1024,
+        common = dict(model=path, show_progress=False, dtype="bfloat16", device=dev, max_model_len=1024,
                       num_kv_slots=32 * 1024, max_num_seqs=32)
         engine = Engine(EngineConfig(**common))
         graphs = _generate(engine, prompts, greedy)
@@ -73,19 +77,19 @@ def main() -> int:
         eager = _generate(Engine(EngineConfig(**common, enforce_eager=True)), prompts, greedy)
         fp32 = _generate(Engine(EngineConfig(**{**common, "dtype": "float32"})), prompts, greedy)
 
-        hf = {dt: transformers.LlamaForCausalLM.from_pretrained(path, torch_dtype=dt).cuda().eval()
+        hf = {dt: transformers.LlamaForCausalLM.from_pretrained(path, dtype=dt).to(dev).eval()
               for dt in (torch.bfloat16, torch.float32)}
         agree = {dt: 0 for dt in hf}
         hf_noise = fp32_agree = total = 0
         with torch.no_grad():
             for prompt, generated, generated32 in zip(prompts, graphs, fp32):
-                ids = torch.tensor([prompt + generated], device="cuda")
+                ids = torch.tensor([prompt + generated], device=dev)
                 top = {}
                 for dt, model in hf.items():
                     top[dt] = model(ids).logits[0, len(prompt) - 1: -1].argmax(-1).cpu()  # each generated token
                     agree[dt] += int((top[dt] == torch.tensor(generated)).sum())
                 hf_noise += int((top[torch.bfloat16] == top[torch.float32]).sum())
-                ids32 = torch.tensor([prompt + generated32], device="cuda")
+                ids32 = torch.tensor([prompt + generated32], device=dev)
                 top32 = hf[torch.float32](ids32).logits[0, len(prompt) - 1: -1].argmax(-1).cpu()
                 fp32_agree += int((top32 == torch.tensor(generated32)).sum())
                 total += len(generated)

@@ -35,6 +35,58 @@ def _table(prof, steps: int, wall_s: float, label: str, device: str) -> None:
         print(f"  {t / steps:9.1f} us/step {100 * t / max(total_us, 1):5.1f}%  x{e.count // steps:<4} {e.key[:90]}")
 
 
+def _timeline(prof, steps: int, device: str) -> None:
+    """Device idle time inside the profiled window (gaps between kernels: the host work the GPU waits for)
+    and the host ops that cost the most CPU time per step."""
+    if device != "cpu":
+        spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                       if e.device_type.name == "CUDA" and e.time_range.end > e.time_range.start)
+        if spans:
+            busy, gaps, (start, end) = 0.0, [], spans[0]
+            for a, b in spans[1:]:
+                if a > end:
+                    busy += end - start
+                    gaps.append(a - end)
+                    start, end = a, b
+                else:
+                    end = max(end, b)
+            busy += end - start
+            window = spans[-1][1] - spans[0][0]
+            big = [g for g in gaps if g > 20]
+            print(f"  device timeline: {window / steps / 1e3:.3f} ms/step from first to last kernel, busy "
+                  f"{busy / steps / 1e3:.3f}, idle {(window - busy) / steps / 1e3:.3f}; gaps > 20 us: "
+                  f"{len(big) / steps:.1f}/step, {sum(big) / steps:.1f} us/step, largest "
+                  + ", ".join(f"{g:.0f}" for g in sorted(big)[-5:]) + " us")
+    host = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    print("  host ops by self CPU time:")
+    for e in sorted(host, key=lambda e: -e.self_cpu_time_total)[:12]:
+        print(f"  {e.self_cpu_time_total / steps:9.1f} us/step  x{e.count / steps:<6.1f} {e.key[:90]}")
+
+
+def _host_timers(engine: Engine) -> dict[str, float]:
+    """Wall time of each host phase of Engine.step (wrapped on this engine only), accumulated in seconds."""
+    acc: dict[str, float] = {}
+
+    def wrap(obj, name: str, label: str) -> None:
+        inner = getattr(obj, name)
+
+        def timed(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                acc[label] = acc.get(label, 0.0) + time.perf_counter() - t
+        setattr(obj, name, timed)
+
+    wrap(engine.scheduler, "schedule", "schedule")
+    wrap(engine, "_commit", "build batch + commit")
+    wrap(engine.executor, "submit", "worker submit (stage, launch, sampler)")
+    wrap(engine.executor, "execute", "worker execute (sync)")
+    wrap(engine, "_apply_inflight", "apply result (wait + update)")
+    wrap(engine.scheduler, "update", "update")
+    return acc
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)
@@ -44,6 +96,8 @@ def main() -> int:
     config = EngineConfig(model=args.model, load_format="dummy", dtype="bfloat16", device=args.device,
                           max_model_len=4096, max_num_seqs=256, max_num_batched_tokens=8192, show_progress=False)
     engine = Engine(config)
+    print(f"async scheduling: {engine.async_scheduling}")
+    phases = _host_timers(engine)
     vocab = engine.model_config.vocab_size
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device != "cpu" else [])
     sync = torch.cuda.synchronize if args.device != "cpu" else (lambda: None)
@@ -54,6 +108,20 @@ def main() -> int:
         for _ in range(8):  # prefill and a few decode steps
             engine.step()
         sync()
+        t0 = time.perf_counter()  # unprofiled first: the profiler's own host cost inflates wall time
+        for _ in range(args.steps):
+            engine.step()
+        sync()
+        plain = time.perf_counter() - t0
+        phases.clear()
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            engine.step()
+        sync()
+        timed = time.perf_counter() - t0
+        print(f"== decode batch {batch}: unprofiled wall {plain / args.steps * 1e3:.3f} ms/step; with host timers "
+              f"{timed / args.steps * 1e3:.3f} ms/step: "
+              + ", ".join(f"{k} {v / args.steps * 1e3:.3f}" for k, v in phases.items()))
         with profile(activities=activities) as prof:
             t0 = time.perf_counter()
             for _ in range(args.steps):
@@ -61,6 +129,7 @@ def main() -> int:
             sync()
             wall = time.perf_counter() - t0
         _table(prof, args.steps, wall, f"decode batch {batch}, seq ~520", args.device)
+        _timeline(prof, args.steps, args.device)
         for i in range(batch):
             engine.abort_request(f"b{batch}-{i}")
     for i, p in enumerate(random_prompts(4, 2048, vocab, 7)):

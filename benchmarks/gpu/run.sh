@@ -2,8 +2,11 @@
 # Issue 7's GPU script: on a bare CUDA machine with no network, install the wheels carried in .whl,
 # check correctness, time the kernels and every workload, and print one table last.
 #
-#   bash benchmarks/gpu/run.sh [check|quick|bench|profile|serve|bench+serve|all]   (default: all; JSON under $OUT)
-#   check: tests, correctness, kernels; quick: check + batch-1 and batch-64 latency; bench: every workload
+#   bash benchmarks/gpu/run.sh [STAGE ...]   STAGE: check|quick|bench|profile|serve|bench+serve|all (default: all)
+#   check: tests, correctness, kernels; quick: check + batch-1 and batch-64 latency; bench: every workload,
+#   issue 9's prefix-cache workloads and the HF peer. Several stages run in one call (one machine start):
+#   `run.sh check bench`. SKIP="pytest hf_peer" leaves steps out; DEADLINE_S=580 (default: none) shortens
+#   each step's limit so the whole call ends inside that many seconds. JSON under $OUT, logs in $OUT/logs.tgz.
 #
 # .whl holds: msgspec, gguf, pyzmq, fastapi + starlette + pydantic 2.12.5 + pydantic-core 2.41.5,
 # uvicorn, typing-inspection, annotated-types/doc, opentelemetry-api (fastapi needs it), and
@@ -13,14 +16,27 @@ cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/kestrel-gpu}
 LOGS=${LOGS:-/tmp/kestrel-gpu-logs}  # full logs of each step (only 8 files come back from a lent machine)
 mkdir -p "$OUT" "$LOGS"
-stage=${1:-all}
+stages=" ${*:-all} "
+stages=${stages//bench+serve/bench serve}
+has() {  # has STAGE...: any of them asked for (or all)
+  local s
+  for s in "$@" all; do [[ $stages == *" $s "* ]] && return 0; done
+  return 1
+}
+DEADLINE_S=${DEADLINE_S:-0}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || { echo "wheel install failed"; exit 1; }
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1
 # step NAME SECONDS CMD...: run with a time limit (SIGABRT: Python prints where it hung), log to $OUT/NAME.log
 step() {
   local name=$1 secs=$2; shift 2
-  echo "---- $name (limit ${secs}s)"
+  if [[ " ${SKIP:-} " == *" $name "* ]]; then echo "---- $name skipped"; return 0; fi
+  if (( DEADLINE_S > 0 )); then
+    local left=$((DEADLINE_S - SECONDS - 5))
+    (( left < 20 )) && { echo "---- $name not run: ${left}s left of DEADLINE_S"; return 125; }
+    (( secs > left )) && secs=$left
+  fi
+  echo "---- $name (limit ${secs}s, at ${SECONDS}s)"
   timeout -k 10 -s ABRT "$secs" "$@" > "$LOGS/$name.log" 2>&1
   local rc=$?
   grep -v -e "^INFO" -e Warning "$LOGS/$name.log" | tail -${TAIL:-25}
@@ -32,38 +48,43 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,n
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 
 eager=()
-if [[ $stage == check || $stage == quick || $stage == all ]]; then
+if has check quick; then
   step correctness 120 python3 benchmarks/gpu/correctness.py --out "$OUT/correctness.json"; rc=$?
   [[ $rc == 124 || $rc == 134 ]] && eager=(--enforce-eager)  # hung: time the rest without CUDA graphs
 fi
-if [[ $stage == quick ]]; then
+if [[ $stages == *" quick "* ]]; then
   step workloads 170 python3 benchmarks/gpu/workloads.py --model "$MODEL" --out "$OUT/workloads.json" \
     --only b1_128x512 b64_128x512 "${eager[@]}"
 fi
-if [[ $stage == check || $stage == quick || $stage == all ]]; then
+if has check quick; then
   TAIL=40 step kernels 90 python3 benchmarks/gpu/kernels_check.py --out "$OUT/kernels.json"
   step pytest 150 python3 -m pytest -q -x -p no:cacheprovider --timeout 60 tests/test_triton_backend.py \
     tests/test_sampler.py tests/test_worker.py tests/test_triton_kernels.py
 fi
 
-if [[ $stage == bench || $stage == all || $stage == bench+serve ]]; then
-  step workloads 330 python3 benchmarks/gpu/workloads.py --model "$MODEL" --out "$OUT/workloads.json"
+if has bench; then
+  TAIL=30 step workloads 450 python3 benchmarks/gpu/workloads.py --model "$MODEL" --out "$OUT/workloads.json" \
+    --prefix-cache-workloads "${eager[@]}"
   step hf_peer 90 python3 benchmarks/gpu/hf_peer.py --model "$MODEL" --out "$OUT/hf.json"
 fi
 
-if [[ $stage == profile || $stage == all ]]; then
-  TAIL=60 step profile 200 python3 benchmarks/gpu/gpu_profile.py --model "$MODEL"
+if has profile; then
+  TAIL=80 step profile 200 python3 benchmarks/gpu/gpu_profile.py --model "$MODEL"
 fi
 
-if [[ $stage == serve || $stage == all || $stage == bench+serve ]]; then
+if has serve; then
   served=/tmp/llama-3.1-8b-dummy
   mkdir -p $served && cp $MODEL/config.json .whl/smol-tokenizer/* $served/
   python3 -m kestrel.cli serve $served --load-format dummy --port 8011 --max-model-len 4096 \
     --max-num-seqs 256 --max-num-batched-tokens 8192 --disable-uvicorn-access-log > "$LOGS/serve.log" 2>&1 &
   server=$!
-  python3 - <<'PY'
-import time, urllib.request
+  python3 - $server <<'PY'
+import os, sys, time, urllib.request
 for _ in range(240):
+    try:
+        os.kill(int(sys.argv[1]), 0)  # the server died: stop waiting
+    except OSError:
+        break
     try:
         if urllib.request.urlopen("http://127.0.0.1:8011/health", timeout=2).status == 200:
             break
@@ -78,6 +99,7 @@ PY
   grep -v "^INFO" "$LOGS/serve.log" | tail -8
 fi
 
+tar czf "$OUT/logs.tgz" -C "$LOGS" . 2>/dev/null
 python3 - "$OUT" <<'PY'
 import json, os, sys
 out = sys.argv[1]
@@ -98,6 +120,14 @@ if s:
     print(f"{'serve c64 128x512 output tok/s':<44}{v if v is None else f'{v:,.1f}':>12}{'>= 90% offline':>14}")
 if hf:
     print(f"{'HF transformers b1 ms/token (sanity peer)':<44}{hf['hf_b1_128x128_ms_per_token']:>12.2f}")
+for key in ("shared_prefix_cache_on", "shared_prefix_cache_off"):
+    v = w.get(key, {})
+    print(f"{key + ' output tok/s':<44}{v.get('output_tok_s', v.get('error', '-'))!s:>12}")
+if w.get("multi_turn_ttft_by_turn_ms"):
+    print(f"{'10-turn chat TTFT by turn (ms)':<44}{' '.join(f'{t:.0f}' for t in w['multi_turn_ttft_by_turn_ms'])}")
+if s and w.get("b64_128x512"):
+    v = s.get("output_throughput") or s.get("metrics", {}).get("output_throughput")
+    print(f"{'serve / offline b64 output tok/s':<44}{v / w['b64_128x512']['output_tok_s']:>12.3f}")
 for k, v in c.items():
     print(f"{'correctness ' + k:<44}{str(v):>12}")
 PY

@@ -11,6 +11,7 @@ workload is run once untimed at a small size (warm-up) and then timed once.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
@@ -46,7 +47,14 @@ def main() -> int:
     parser.add_argument("--prefix-cache-workloads", action="store_true",
                         help="also issue 9's GPU workloads: shared prefix (G32 R16 P2048 Q128 O128) with the "
                              "cache on and off (a second engine), and a 10-turn chat")
+    parser.add_argument("--shared-prefix", type=int, nargs=5, default=[32, 16, 2048, 128, 128],
+                        metavar=("G", "R", "P", "Q", "O"),
+                        help="the shared-prefix workload: G groups of R prompts, prefix P, question Q, output O "
+                             "(smaller for a CPU smoke run)")
     args = parser.parse_args()
+    global _SHARED, _SHARED_OUTPUT
+    g, r, p, q, _SHARED_OUTPUT = args.shared_prefix
+    _SHARED = SharedPrefix(num_groups=g, prompts_per_group=r, prefix_len=p, question_len=q)
     config = EngineConfig(model=args.model, load_format="dummy", dtype="bfloat16", device=args.device,
                           max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
@@ -76,38 +84,76 @@ def main() -> int:
                          "output_tok_s": r.output_tokens_per_s, "mean_ttft_ms": r.mean_ttft_ms,
                          "mean_decode_step_ms": r.mean_decode_step_ms, "decode_tok_s": r.decode_tokens_per_s}
         rows.append((name, value, figure))
+        _save(results, args.out)
         print(f"{name}: {figure} = {value:.2f} (elapsed {r.elapsed_s:.2f} s, "
               f"decode step {r.mean_decode_step_ms:.2f} ms)", flush=True)
     if args.prefix_cache_workloads:
-        rows += _prefix_cache_workloads(config, engine, args.max_num_seqs, results)
+        rows += _prefix_cache_on(config, engine, args.max_num_seqs, results, args.out)
+        # The cache-off engine needs the GPU memory the first one holds (weights, KV pool, graph pools).
+        engine.shutdown()
+        del engine
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            print(f"after freeing the first engine: {torch.cuda.memory_allocated() / 2**30:.2f} GiB allocated, "
+                  f"{torch.cuda.mem_get_info()[0] / 2**30:.1f} GiB free", flush=True)
+        rows += _prefix_cache_off(config, args.max_num_seqs, results, args.out)
     print("=" * 64)
     for name, value, note in rows:
-        print(f"{name:<28} {value:>12.2f}   {note}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=2)
+        print(f"{name:<32} {value:>12.2f}   {note}")
+    _save(results, args.out)
     return 0
 
 
-def _prefix_cache_workloads(config: EngineConfig, engine: Engine, batch: int, results: dict) -> list:
-    shared = SharedPrefix(num_groups=32, prompts_per_group=16, prefix_len=2048, question_len=128)
-    spec = OfflineSpec(num_prompts=shared.num_prompts, input_len=shared.prefix_len + shared.question_len,
-                       output_len=128, batch_size=batch, temperature=0.0, num_warmup_tokens=4, shared_prefix=shared)
-    rows = []
-    for label, eng in (("on", engine), ("off", None)):
-        cfg = config if eng is not None else EngineConfig(**{**_fields(config), "enable_prefix_caching": False})
-        r = run_offline(cfg, spec, eng)
-        results[f"shared_prefix_cache_{label}"] = {"output_tok_s": r.output_tokens_per_s, "elapsed_s": r.elapsed_s,
-                                                   "hit_rate": r.prefix_cache_hit_rate}
-        rows.append((f"shared_prefix_cache_{label}", r.output_tokens_per_s, "output_tok_s"))
+def _save(results: dict, path: str | None) -> None:
+    """Written after every workload, so a run stopped at its time limit keeps what it measured."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+_SHARED = SharedPrefix(num_groups=32, prompts_per_group=16, prefix_len=2048, question_len=128)
+_SHARED_OUTPUT = 128
+
+
+def _shared_spec(batch: int) -> OfflineSpec:
+    return OfflineSpec(num_prompts=_SHARED.num_prompts, input_len=_SHARED.prefix_len + _SHARED.question_len,
+                       output_len=_SHARED_OUTPUT, batch_size=batch, temperature=0.0, num_warmup_tokens=4,
+                       shared_prefix=_SHARED)
+
+
+def _shared_row(label: str, r, results: dict, path: str | None) -> tuple:
+    results[f"shared_prefix_cache_{label}"] = {"output_tok_s": r.output_tokens_per_s, "elapsed_s": r.elapsed_s,
+                                               "mean_ttft_ms": r.mean_ttft_ms, "hit_rate": r.prefix_cache_hit_rate}
+    _save(results, path)
+    print(f"shared_prefix_cache_{label}: output_tok_s = {r.output_tokens_per_s:.2f} (elapsed {r.elapsed_s:.2f} s, "
+          f"hit rate {r.prefix_cache_hit_rate})", flush=True)
+    return (f"shared_prefix_cache_{label}", r.output_tokens_per_s, "output_tok_s")
+
+
+def _prefix_cache_on(config: EngineConfig, engine: Engine, batch: int, results: dict, path: str | None) -> list:
+    """Issue 9 on the GPU, cache on (the engine of the other workloads): shared prefix, then a 10-turn chat."""
+    rows = [_shared_row("on", run_offline(config, _shared_spec(batch), engine), results, path)]
     turns = MultiTurn(num_conversations=1, num_turns=10, turn_len=100, output_len=32)
     spec = OfflineSpec(num_prompts=1, input_len=100, output_len=32, batch_size=batch, temperature=0.0,
                        num_warmup_tokens=4, multi_turn=turns)
-    r = run_offline(config, spec, engine)
-    ttft = r.mean_ttft_by_turn_ms
+    ttft = run_offline(config, spec, engine).mean_ttft_by_turn_ms
     results["multi_turn_ttft_by_turn_ms"] = ttft
-    rows.append(("multi_turn_ttft_last_over_first", ttft[-1] / ttft[0], "ratio"))
-    return rows
+    _save(results, path)
+    print("multi_turn_ttft_by_turn_ms: " + " ".join(f"{t:.1f}" for t in ttft), flush=True)
+    return rows + [("multi_turn_ttft_last_over_first", ttft[-1] / ttft[0], "ratio")]
+
+
+def _prefix_cache_off(config: EngineConfig, batch: int, results: dict, path: str | None) -> list:
+    """The shared-prefix workload on a second engine built with the prefix cache off."""
+    try:
+        off = EngineConfig(**{**_fields(config), "enable_prefix_caching": False})
+        return [_shared_row("off", run_offline(off, _shared_spec(batch)), results, path)]
+    except Exception as e:  # e.g. out of memory: keep the other figures
+        results["shared_prefix_cache_off"] = {"error": repr(e)}
+        _save(results, path)
+        print(f"shared_prefix_cache_off failed: {e!r}", flush=True)
+        return []
 
 
 def _fields(config: EngineConfig) -> dict:

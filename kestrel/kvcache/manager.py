@@ -7,7 +7,8 @@ This manager is pure bookkeeping (no tensors): it records every table entry it a
 them out once per step (`take_table_writes`) so the worker updates its table incrementally.
 
 Contract: `allocate` grants all requested slots or changes nothing (it asks the prefix cache to
-evict only when that makes the allocation fit); `free` returns a request's slots to the prefix
+evict only when that makes the allocation fit, and then at least `EVICT_AT_LEAST` of the pool, so
+that a full pool is not scanned once per decoding request per step); `free` returns a request's slots to the prefix
 cache, which keeps or frees them. `share_computed` hands a running request's computed prefix to the
 cache at once, so that requests arriving meanwhile reuse it: the cache takes the request's own slots
 (or frees them as duplicates of KV it holds already), and the request's holding is re-pointed at
@@ -23,6 +24,13 @@ from dataclasses import dataclass, field
 from kestrel.kvcache.allocator import SlotAllocator
 from kestrel.kvcache.prefix_cache import EMPTY_HIT, NoPrefixCache, PrefixCache, PrefixHit
 from kestrel.step_batch import TableWrites
+
+
+EVICT_AT_LEAST = 1 / 64
+"""Fraction of the pool an eviction frees at least (when that much is evictable). Each eviction scans
+the prefix cache's leaves, and a full pool is short by one slot per decoding request per step: evicting
+exactly the shortfall cost one scan per request per step (35 ms of host time per step at 256 requests
+and ~1,700 cached prompts, more than the GPU's step); 1/64 of the pool makes it one scan per ~50 steps."""
 
 
 @dataclass(slots=True)
@@ -102,7 +110,8 @@ class KVCacheManager:
             self.prefix_cache.unlock(prefix.handle)
             return False
         if shortfall > 0:
-            self.prefix_cache.evict(shortfall)
+            at_least = int(self.allocator.num_slots * EVICT_AT_LEAST)
+            self.prefix_cache.evict(max(shortfall, min(at_least, self.prefix_cache.num_evictable_slots)))
         slots = self.allocator.allocate(num_new)
         assert slots is not None, "the prefix cache evicted fewer slots than it said it could"
         if held is None:

@@ -192,3 +192,29 @@ def test_text_without_calls_is_content_and_marker_prefixes_are_held_back():
     assert parser.feed("Hi <tool_") == ("Hi ", [])
     assert parse_tool_calls(TOOL_FORMATS["llama3_json"], "Plain answer.") == ("Plain answer.", [])
     assert parse_tool_calls(hermes, "<tool_call> not json") == ("<tool_call> not json", [])
+
+
+def test_without_xgrammar_only_constrained_requests_are_refused():
+    """xgrammar is imported on first use: an engine on a machine without it (the GPU image) still
+    serves free text, and a constrained request gets a clear error instead of a crash."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+sys.modules["xgrammar"] = None  # import xgrammar -> ImportError
+from kestrel.llm import LLM
+from kestrel.sampling_params import SamplingParams
+from kestrel.structured_outputs import StructuredOutputsParams
+llm = LLM(dtype="float32", show_progress=False, max_model_len=128, max_num_seqs=2)
+out = llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+assert len(out[0].outputs[0].token_ids) == 4
+try:
+    llm.generate(["Hello"], SamplingParams(max_tokens=4, structured_outputs=StructuredOutputsParams(regex="[ab]+")),
+                 use_tqdm=False)
+except ValueError as e:
+    assert "structured outputs are unavailable" in str(e) and "xgrammar" in str(e), e
+    print("refused")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "refused" in done.stdout, done.stderr[-3000:]

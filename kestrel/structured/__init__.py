@@ -7,7 +7,6 @@
 The worker never sees a matcher: it gets each constrained row's bitmask as bytes
 (`kestrel.worker.logits_processors.GrammarBitmask`). See docs/architecture.md, "Structured outputs".
 """
-from kestrel.structured.compiler import GrammarCompiler
-from kestrel.structured.manager import StructuredOutputManager
+from kestrel.structured.manager import StructuredOutputManager  # imports xgrammar on first use only
 
-__all__ = ["GrammarCompiler", "StructuredOutputManager"]
+__all__ = ["StructuredOutputManager"]

@@ -22,11 +22,15 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import replace
-
-import xgrammar as xgr
+from typing import TYPE_CHECKING
 
 from kestrel.request import Request
-from kestrel.structured.compiler import GrammarCompiler
+from kestrel.structured_outputs import GrammarError
+
+if TYPE_CHECKING:  # xgrammar is imported on first use: an engine without it serves unconstrained requests
+    import xgrammar as xgr
+
+    from kestrel.structured.compiler import GrammarCompiler
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +50,7 @@ class StructuredOutputManager:
         self._encode: Callable[[str], list[int]] | None = None
         self._load_error: Exception | None = None
         self._matchers: dict[str, xgr.GrammarMatcher] = {}
-        self._bitmask = xgr.allocate_token_bitmask(1, vocab_size)  # [1, ceil(vocab / 32)] int32
+        self._bitmask = None  # [1, ceil(vocab / 32)] int32, allocated with the compiler
         self.num_jump_forward_tokens = 0
         """Tokens appended by jump-forward since start (they took no forward pass of their own)."""
 
@@ -59,7 +63,8 @@ class StructuredOutputManager:
     def compiler(self) -> GrammarCompiler:
         self._build()
         if self._compiler is None:
-            raise RuntimeError(f"structured outputs are unavailable: {self._load_error}")
+            raise GrammarError(f"structured outputs are unavailable on this server: {self._load_error}",
+                               "structured_outputs")
         return self._compiler
 
     def _build(self) -> None:
@@ -67,6 +72,10 @@ class StructuredOutputManager:
             if self._compiler is not None or self._load_error is not None:
                 return
             try:
+                import xgrammar as xgr
+
+                from kestrel.structured.compiler import GrammarCompiler
+
                 tokenizer = self._load_tokenizer()
                 info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=self.vocab_size,
                                                           stop_token_ids=list(self.eos_token_ids))
@@ -75,6 +84,7 @@ class StructuredOutputManager:
                     self._encode = lambda text: backend.encode(text, add_special_tokens=False).ids
                 else:
                     self._encode = lambda text: tokenizer.encode(text, add_special_tokens=False)
+                self._bitmask = xgr.allocate_token_bitmask(1, self.vocab_size)
                 self._compiler = GrammarCompiler(info, self.cache_size)
             except Exception as e:  # reported to each constrained request, never fatal to the engine
                 logger.exception("cannot set up structured outputs")
@@ -133,6 +143,8 @@ class StructuredOutputManager:
             return None
         matcher = self._matchers.get(request.request_id)
         if matcher is None:
+            import xgrammar as xgr  # loaded by `compiler` already
+
             matcher = xgr.GrammarMatcher(self.compiler.compile(spec))
             for token_id in request.output_token_ids:  # replay after preemption
                 if not matcher.accept_token(token_id):

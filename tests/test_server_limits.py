@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.server_harness import engine_state, start_server, stop, tiny_model, wait_for
+from tests.server_harness import engine_state, start_server, stop, tiny_model, wait_engine_idle, wait_for
 
 _MAX_MODEL_LEN = 48
 _ORIGIN = "http://dashboard.example"
@@ -34,7 +34,7 @@ def server(tmp_path_factory):
     model_dir, args = tiny_model(folder)
     srv = start_server(folder, model_dir, *args, "--kv-cache-memory-gb", "0.05",
                        "--max-model-len", str(_MAX_MODEL_LEN), "--max-num-seqs", "4", "--max-queued-requests", "2",
-                       "--request-timeout", "10", "--allowed-origins", _ORIGIN, "--disable-uvicorn-access-log")
+                       "--request-timeout", "120", "--allowed-origins", _ORIGIN, "--disable-uvicorn-access-log")
     yield srv
     stop(srv.proc)
 
@@ -171,3 +171,29 @@ def test_schemathesis_fuzz_finds_no_5xx_and_no_schema_mismatch(server, tmp_path)
     assert out.returncode == 0 and match, summary
     assert int(match.group(1)) >= 500 and match.group(1) == match.group(2), summary
     assert "errored" not in summary and "failed" not in summary.split("Test cases:")[-1], summary
+
+
+def test_request_timeout_ends_the_request_with_408_and_frees_its_kv(tmp_path):
+    """--request-timeout: a request still running at its deadline gets a 408 naming the flag, the engine
+    drops it (no request left, every slot free or cached), and the server keeps serving."""
+    model_dir, args = tiny_model(str(tmp_path))
+    srv = start_server(str(tmp_path), model_dir, *args, "--max-num-seqs", "1", "--request-timeout", "1",
+                       "--kv-cache-memory-gb", "0.05", "--disable-uvicorn-access-log")
+    try:
+        long = {"prompt": "Hi", "max_tokens": 1500, "ignore_eos": True}  # seconds of decoding, one at a time
+        replies: list[httpx.Response] = []
+        threads = [threading.Thread(target=lambda: replies.append(
+            httpx.post(srv.url + "/v1/completions", json=long, timeout=120))) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert [r.status_code for r in replies] == [408] * 3
+        assert "--request-timeout" in replies[0].json()["error"]["message"]
+        state = wait_engine_idle(srv.url)["engine"]
+        assert state["num_unfinished_requests"] == 0
+        assert state["num_free_slots"] + state["num_cached_slots"] == state["num_slots"]
+        ok = httpx.post(srv.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=60)
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+    finally:
+        stop(srv.proc)

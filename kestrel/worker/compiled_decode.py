@@ -31,6 +31,12 @@ logger = logging.getLogger(__name__)
 
 MIN_ROWS = 2
 """Smallest batch the graph runs (a single request gets a padding row)."""
+FUSED_LOOP_THREADS = 1
+"""Threads of inductor's fused loops (the matmuls keep torch's threads). At decode sizes they are
+microseconds of work, and an OpenMP region costs barriers: on a 2-core machine shared with the API,
+detokenizer and client processes (or other work), a thread descheduled at a barrier stalls the
+region for a time slice. Measured on a loaded 2-core machine: 2-thread fused loops took 1.3 s of a
+2.0 s profiled batch-1 step (benchmarks/cpu/README.md)."""
 
 
 class CompiledDecodeRunner:
@@ -40,8 +46,9 @@ class CompiledDecodeRunner:
         self.max_batch_size = max_batch_size
         self.device = device
         self.backend = SlotDecodeAttention()
-        self._layer = torch.compile(_layer_step, fullgraph=True)
-        self._head = torch.compile(_head_step, fullgraph=True)
+        options = {"cpp.threads": FUSED_LOOP_THREADS}
+        self._layer = torch.compile(_layer_step, fullgraph=True, options=options)
+        self._head = torch.compile(_head_step, fullgraph=True, options=options)
         self.num_runs = 0
         """Decode steps run compiled (for tests and logs)."""
 

@@ -7,7 +7,7 @@ set -uo pipefail
 out=${1:?OUT_DIR}; shift; mkdir -p "$out"
 peers=${PEERS_DIR:-$(cd "$(dirname "$0")/../../../shared/peers" && pwd)}
 engines=${*:-kestrel kestrel-compiled vllm llamacpp}
-wait_up() { for _ in $(seq 600); do curl -sf "$1/v1/models" >/dev/null && return 0; sleep 1; done; return 1; }
+wait_up() { for _ in $(seq 600); do curl -sf "$1$2" >/dev/null && return 0; sleep 1; done; return 1; }
 for e in $engines; do
   case $e in
     kestrel) port=8011; kestrel serve --port $port --disable-uvicorn-access-log --dtype float32 >"$out/$e.log" 2>&1 & ;;
@@ -15,8 +15,8 @@ for e in $engines; do
     vllm) port=8000; bash "$peers/serve-vllm.sh" $port float32 >"$out/$e.log" 2>&1 & ;;
     llamacpp) port=8081; bash "$peers/serve-llamacpp.sh" $port >"$out/$e.log" 2>&1 & ;;
   esac
-  pid=$!; url=http://127.0.0.1:$port
-  t0=$(date +%s); wait_up $url || { echo "$e did not start"; kill $pid; continue; }
+  pid=$!; url=http://127.0.0.1:$port; ready=/health; [ $e = llamacpp ] && ready=/v1/models
+  t0=$(date +%s); wait_up $url $ready || { echo "$e did not start"; kill $pid; continue; }
   echo "== $e up in $(( $(date +%s) - t0 )) s, load $(cut -d' ' -f1-3 /proc/loadavg)"
   for c in 1 8 16; do
     n=$(( c == 1 ? 8 : 2 * c ))

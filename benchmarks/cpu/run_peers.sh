@@ -2,7 +2,8 @@
 # Side by side on this CPU machine, one server at a time, same client: Kestrel (eager, --compile-decode),
 # vLLM CPU and llama.cpp (../shared/peers scripts; PEERS_DIR to use another copy of them).
 #   bash benchmarks/cpu/run_peers.sh OUT_DIR [engines...]   engines: kestrel kestrel-compiled vllm llamacpp
-# 128 in / 128 out, /v1/completions, greedy, ignore EOS, concurrency 1 (8 prompts), 8 (16), 16 (32).
+# 128 in / 128 out, /v1/completions, greedy, ignore EOS, concurrency 1 (8 prompts), 8 (16), 16 (32);
+# CONCURRENCY="1" for a subset.
 set -uo pipefail
 out=${1:?OUT_DIR}; shift; mkdir -p "$out"
 peers=${PEERS_DIR:-$(cd "$(dirname "$0")/../../../shared/peers" && pwd)}
@@ -18,7 +19,7 @@ for e in $engines; do
   pid=$!; url=http://127.0.0.1:$port; ready=/health; [ $e = llamacpp ] && ready=/v1/models
   t0=$(date +%s); wait_up $url $ready || { echo "$e did not start"; kill $pid; continue; }
   echo "== $e up in $(( $(date +%s) - t0 )) s, load $(cut -d' ' -f1-3 /proc/loadavg)"
-  for c in 1 8 16; do
+  for c in ${CONCURRENCY:-1 8 16}; do
     n=$(( c == 1 ? 8 : 2 * c ))
     echo "-- $e c$c load before $(cut -d' ' -f1 /proc/loadavg)"
     kestrel bench serve --base-url $url --endpoint /v1/completions --num-prompts $n --max-concurrency $c \

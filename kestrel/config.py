@@ -149,6 +149,9 @@ class EngineConfig:
     """CPU threads for torch; None leaves torch's default."""
     prepack_weights: bool = True
     """CPU: reorder linear weights once for oneDNN (2-4x faster matmuls; same maths to float rounding)."""
+    compile_decode: bool = False
+    """CPU: run decode steps as one torch.compile'd graph (inductor: fused elementwise ops, attention read
+    through the slot table); compiled at start-up (tens of seconds on 2 cores, cached on disk)."""
     attention_backend: str = "auto"
     """Attention implementation (`kestrel.attention.create_backend`): torch (the reference, any device),
     triton (GPU kernels), or auto: triton on CUDA, torch elsewhere."""

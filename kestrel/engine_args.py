@@ -38,6 +38,8 @@ def add_engine_args(parser: argparse.ArgumentParser, with_model: bool = True) ->
     parser.add_argument("--grammar-cache-size", type=int, default=128, help="compiled grammars kept (LRU)")
     parser.add_argument("--no-prepack-weights", dest="prepack_weights", action="store_false",
                         help="CPU: keep torch's default F.linear instead of oneDNN-packed weights")
+    parser.add_argument("--compile-decode", action="store_true",
+                        help="CPU: run decode steps as one torch.compile'd graph (compiled at start-up)")
     parser.add_argument("--disable-radix-cache", "--no-enable-prefix-caching", dest="enable_prefix_caching",
                         action="store_false",
                         help="compute every prompt in full instead of reusing the KV of cached prefixes")
@@ -56,6 +58,7 @@ def engine_config_from_args(args: argparse.Namespace, **overrides) -> EngineConf
         max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory_gb=args.kv_cache_memory_gb,
         num_kv_slots=args.num_kv_slots, seed=args.seed, num_threads=args.num_threads,
         prepack_weights=getattr(args, "prepack_weights", True),
+        compile_decode=getattr(args, "compile_decode", False),
         gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
         async_scheduling=args.async_scheduling,
         attention_backend=args.attention_backend, distributed_executor_backend=args.distributed_executor_backend,

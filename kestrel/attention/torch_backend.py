@@ -27,6 +27,7 @@ class DecodeGroup:
     token_index: torch.Tensor  # [Rd] int64: flat positions of the decode tokens
     kv_index: torch.Tensor     # [Rd, L] int32 cache slots, L the longest (padding -> masked)
     mask: torch.Tensor         # [Rd, 1, 1, L] bool, True = attend
+    all_rows: bool = False     # the group is the whole batch (token_index = 0..T-1): no gather, no scatter
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +110,7 @@ class TorchAttentionBackend:
         # Padding keys point at the row's first key's slot; the mask hides them.
         kv_index = torch.where(mask, kv_index, kv_index[:, :1])
         return DecodeGroup(torch.tensor(tokens, device=device), kv_index.contiguous(),
-                           mask.view(len(reqs), 1, 1, width))
+                           mask.view(len(reqs), 1, 1, width), all_rows=len(tokens) == layout.num_tokens)
 
     def forward(self, q, k, v, k_cache, v_cache, meta: TorchAttentionMeta) -> torch.Tensor:
         # q: [T, H, D], k/v: [T, KH, D], caches: [num_slots, KH, D] -> [T, H, D]
@@ -117,6 +118,8 @@ class TorchAttentionBackend:
         v_cache[meta.slot_mapping] = v
         if meta.decodes is None and len(meta.prefills) == 1:
             return self._prefill(q, k_cache, v_cache, meta.prefills[0])
+        if not meta.prefills and meta.decodes.all_rows:  # decode only: every token is a decode, in order
+            return self._decode(q, k_cache, v_cache, meta.decodes)
         out = torch.empty_like(q)
         for chunk in meta.prefills:
             out[chunk.start: chunk.start + chunk.num_tokens] = self._prefill(q, k_cache, v_cache, chunk)
@@ -135,7 +138,7 @@ class TorchAttentionBackend:
     @staticmethod
     def _decode(q, k_cache, v_cache, group: DecodeGroup) -> torch.Tensor:
         num_rows, width = group.kv_index.shape
-        q_d = q.index_select(0, group.token_index)                                       # [Rd, H, D]
+        q_d = q if group.all_rows else q.index_select(0, group.token_index)              # [Rd, H, D]
         flat = group.kv_index.view(-1)
         keys = k_cache.index_select(0, flat).view(num_rows, width, *k_cache.shape[1:]).transpose(1, 2)  # [R, KH, L, D]
         values = v_cache.index_select(0, flat).view(num_rows, width, *v_cache.shape[1:]).transpose(1, 2)

@@ -16,16 +16,27 @@ alone or batched (attention is another matter: see attention/torch_backend.py).
 `pack(weight, bias)` is called by a linear layer after its weights are loaded
 (`pack_weights`); it returns None where the dtype/device cannot use oneDNN.
 The packed weight is an opaque oneDNN tensor: the plain weight may be dropped.
+
+torch.compile cannot trace an opaque oneDNN tensor, so under compilation a packed matmul is the
+custom op `kestrel::packed_linear(x, handle, out_features)`: `handle` is a 0-d int64 tensor naming
+the kernel in a registry of weak references (a tensor, not an int, so one compiled graph serves
+every layer of the same shape), and the op's fake implementation gives the output shape.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
+import weakref
 
 import torch
 
 # Batch-size hint for the packed layout; any batch size works with any hint.
 _HINT_BATCH = 16
+
+_KERNELS: weakref.WeakValueDictionary[int, PackedLinear] = weakref.WeakValueDictionary()
+"""handle -> kernel, for the custom op a compiled graph calls."""
+_NEXT_HANDLE = itertools.count()
 
 
 def packing_supported(dtype: torch.dtype, device: torch.device) -> bool:
@@ -68,9 +79,17 @@ class PackedLinear:
         self.out_features, self.in_features = weight.shape
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), _HINT_BATCH)
         self.bias = None if bias is None else bias.detach().contiguous()
+        key = next(_NEXT_HANDLE)
+        _KERNELS[key] = self
+        self.handle = torch.tensor(key, dtype=torch.int64)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in] -> [..., out]
+        if torch.compiler.is_compiling():
+            return torch.ops.kestrel.packed_linear(x, self.handle, self.out_features)
+        return self.eager(x)
+
+    def eager(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() == self.in_features:  # one row: run it as two (see the module docstring)
             out = self._matmul(x.reshape(1, -1).expand(2, -1).contiguous())[:1]
             return out.view(*x.shape[:-1], self.out_features)
@@ -78,3 +97,14 @@ class PackedLinear:
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+@torch.library.custom_op("kestrel::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, handle: torch.Tensor, out_features: int) -> torch.Tensor:
+    """The packed kernel `handle` applied to x [..., in] -> [..., out_features] (what compiled graphs call)."""
+    return _KERNELS[int(handle)].eager(x)
+
+
+@packed_linear.register_fake
+def _(x: torch.Tensor, handle: torch.Tensor, out_features: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], out_features)

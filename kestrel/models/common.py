@@ -39,12 +39,13 @@ class RotaryAttention(nn.Module):
         self.head_dim = cfg.head_dim
         self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, tp=tp)
 
-    def forward(self, rope: Rope, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+    def forward(self, rope: Rope, x: torch.Tensor, ctx: AttentionContext,
+                kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         num_tokens, num_heads, num_kv_heads = x.shape[0], self.num_heads, self.num_kv_heads
         qkv = self.qkv_proj(x).view(num_tokens, num_heads + 2 * num_kv_heads, self.head_dim)
         q, k = rope.rotate(qkv[:, : num_heads + num_kv_heads], num_heads)  # [T, H, D], [T, KH, D]
         v = qkv[:, num_heads + num_kv_heads:]                               # [T, KH, D]
-        k_cache, v_cache = ctx.kv_caches[self.layer_id]
+        k_cache, v_cache = kv_cache  # this layer's, [num_slots, KH, D] each
         out = ctx.backend.forward(q, k, v, k_cache, v_cache, ctx.meta)  # [T, H, D]
         return self.o_proj(out.reshape(num_tokens, num_heads * self.head_dim))
 
@@ -68,13 +69,15 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, use_triton)
         self.mlp = GatedMLP(cfg, tp, use_triton)
 
-    def forward(self, rope, x, residual, ctx: AttentionContext):
+    def forward(self, rope, x, residual, ctx: AttentionContext, kv_cache):
+        """kv_cache: this layer's (k_cache, v_cache) (the layer never indexes the context by its id, so
+        one compiled layer serves all of them: see worker/compiled_decode.py)."""
         if residual is None:
             residual = x
             x = self.input_layernorm(x)
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(rope, x, ctx)
+        x = self.self_attn(rope, x, ctx, kv_cache)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
@@ -91,8 +94,8 @@ class DecoderModel(nn.Module):
         x = self.embed_tokens(input_ids)  # [T, hidden]
         rope = self.rotary.for_positions(positions)  # shared by every layer
         residual = None
-        for layer in self.layers:
-            x, residual = layer(rope, x, residual, ctx)
+        for layer, kv_cache in zip(self.layers, ctx.kv_caches, strict=True):
+            x, residual = layer(rope, x, residual, ctx, kv_cache)
         x, _ = self.norm(x, residual)
         return x
 

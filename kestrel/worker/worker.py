@@ -29,6 +29,7 @@ from kestrel.models.loader import build_model, pack_weights
 from kestrel.step_batch import SampleRow, StepBatch, StepResult
 from kestrel.worker.inputs import InputStager
 from kestrel.worker.sampler import Sampler, SamplerOutput, SamplingRow
+from kestrel.worker.compiled_decode import CompiledDecodeRunner
 from kestrel.worker.cuda_graphs import CudaGraphRunner
 from kestrel.worker.sizing import (cap_max_model_len, resolve_backend, resolve_device, resolve_dtype,
                                    resolve_max_model_len, resolve_num_slots)
@@ -89,6 +90,10 @@ class Worker:
             self.graphs = CudaGraphRunner(self.model, self.backend, self.kv_caches, self.slot_table.table,
                                           config.max_num_seqs, self.device)
             self.graphs.capture()
+        self.compiled: CompiledDecodeRunner | None = None
+        if self.device.type == "cpu" and config.compile_decode:
+            self.compiled = CompiledDecodeRunner(self.model, self.kv_caches, config.max_num_seqs, self.device)
+            self.compiled.warmup()
         self.info = WorkerInfo(max_model_len, num_slots, str(self.dtype).removeprefix("torch."),
                                str(self.device), self.backend.name)
 
@@ -113,6 +118,9 @@ class Worker:
         if self.graphs is not None and self.graphs.can_run(layout) and len(batch.sample_rows) == batch.num_reqs:
             # A decode step: every request samples its one token, in order.
             logits = self.graphs.run(token_ids, inputs.positions, layout)  # [R, vocab]
+        elif (self.compiled is not None and self.compiled.can_run(layout)
+              and len(batch.sample_rows) == batch.num_reqs):
+            logits = self.compiled.run(token_ids, inputs.positions, layout)  # [R, vocab]
         else:
             ctx = AttentionContext(self.backend, self.backend.prepare(layout), self.kv_caches)
             hidden = self.model(token_ids, inputs.positions, ctx)  # [T, hidden]

@@ -236,19 +236,20 @@ def test_bench_serve_unreachable_server_fails_cleanly(tmp_path, capsys):
     assert "warm-up request" in capsys.readouterr().out
 
 
+class CharTokenizer:  # one token per character; ids 0 and 1 are special
+    all_special_ids = (0, 1)
+
+    def __len__(self):
+        return 30
+
+    def decode(self, ids):
+        return "".join(chr(ord("a") + i - 2) for i in ids)
+
+    def encode(self, text, add_special_tokens=False):
+        return [ord(c) - ord("a") + 2 for c in text]
+
+
 def test_random_prompts_have_the_requested_token_length():
-    class CharTokenizer:  # one token per character; ids 0 and 1 are special
-        all_special_ids = (0, 1)
-
-        def __len__(self):
-            return 30
-
-        def decode(self, ids):
-            return "".join(chr(ord("a") + i - 2) for i in ids)
-
-        def encode(self, text, add_special_tokens=False):
-            return [ord(c) - ord("a") + 2 for c in text]
-
     prompts = serve.random_prompts(CharTokenizer(), 3, 10, 4, seed=0)
     assert [p.prompt_len for p in prompts] == [10, 10, 10]
     assert all(len(p.text) == 10 and p.output_len == 4 for p in prompts)
@@ -257,18 +258,6 @@ def test_random_prompts_have_the_requested_token_length():
 
 def test_shared_prefix_prompts_share_a_system_prompt_per_group():
     from kestrel.bench.workloads import SharedPrefix
-
-    class CharTokenizer:  # one token per character; ids 0 and 1 are special
-        all_special_ids = (0, 1)
-
-        def __len__(self):
-            return 30
-
-        def decode(self, ids):
-            return "".join(chr(ord("a") + i - 2) for i in ids)
-
-        def encode(self, text, add_special_tokens=False):
-            return [ord(c) - ord("a") + 2 for c in text]
 
     w = SharedPrefix(num_groups=3, prompts_per_group=4, prefix_len=20, question_len=5)
     prompts = serve.shared_prefix_prompts(CharTokenizer(), w, 7, seed=0)

@@ -12,7 +12,6 @@ the figure to quote (with the load average, printed before and after).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import statistics
@@ -21,6 +20,8 @@ import time
 from kestrel.config import EngineConfig
 from kestrel.engine import Engine
 from kestrel.sampling_params import SamplingParams
+
+from _emit import emit  # benchmarks/cpu/_emit.py (the script's folder is on sys.path)
 
 
 def _fields(pairs: list[str]) -> dict:
@@ -88,10 +89,7 @@ def main() -> None:
               "b_over_a_rounds": [round(r, 3) for r in ratios],
               "a_step_ms_min": round(min(a_ms), 2), "b_step_ms_min": round(min(b_ms), 2),
               "load_before": load_before, "load_after": os.getloadavg()[0]}
-    print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

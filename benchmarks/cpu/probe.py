@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
@@ -22,6 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from kestrel.kernels.cpu_linear import PackedLinear, packing_supported
+
+from _emit import emit  # benchmarks/cpu/_emit.py (the script's folder is on sys.path)
 
 
 def _time(fn, min_s: float = 0.5, warmup: int = 3) -> float:
@@ -85,10 +86,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     result = probe()
-    print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ Extra engine flags go through `--engine KEY=VALUE` (EngineConfig field names).
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import time
@@ -29,6 +28,8 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from kestrel.config import EngineConfig
 from kestrel.engine import Engine
 from kestrel.sampling_params import SamplingParams
+
+from _emit import emit  # benchmarks/cpu/_emit.py (the script's folder is on sys.path)
 
 CATEGORIES = (
     ("gemm", ("mkldnn::_linear_pointwise", "aten::addmm", "aten::mm", "aten::linear", "aten::matmul",
@@ -181,10 +182,7 @@ def main() -> None:
     p.add_argument("--json", default=None)
     args = p.parse_args()
     result = run(args)
-    print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 # check correctness, time the kernels and every workload, and print one table last.
 #
 #   bash benchmarks/gpu/run.sh [STAGE ...]   STAGE: check|quick|bench|structured|profile|serve|bench+serve|all (default: all)
+#   or sweep (attention launch settings) / prefix (issue 9's two harnesses side by side), never part of all.
 #   check: tests, correctness, kernels; quick: check + batch-1 and batch-64 latency; bench: every workload,
 #   issue 9's prefix-cache workloads and the HF peer. Several stages run in one call (one machine start):
 #   `run.sh check bench`. SKIP="pytest hf_peer" leaves steps out; DEADLINE_S=580 (default: none) shortens
@@ -66,6 +67,21 @@ if has bench; then
   TAIL=30 step workloads 450 python3 benchmarks/gpu/workloads.py --model "$MODEL" --out "$OUT/workloads.json" \
     --prefix-cache-workloads "${eager[@]}"
   step hf_peer 90 python3 benchmarks/gpu/hf_peer.py --model "$MODEL" --out "$OUT/hf.json"
+fi
+
+if [[ $stages == *" sweep "* ]]; then  # launch settings of the attention kernels (kestrel/kernels/tuning.py)
+  TAIL=30 step attn_sweep 240 python3 benchmarks/gpu/attn_sweep.py --out "$OUT/attn_sweep.json"
+fi
+
+if [[ $stages == *" prefix "* ]]; then  # issue 9: both harnesses back to back (fresh process vs one engine)
+  sp=(python3 -m kestrel.cli bench offline $MODEL --load-format dummy --dtype bfloat16 --max-model-len 4096
+      --max-num-seqs 256 --max-num-batched-tokens 8192 --temperature 0)
+  TAIL=8 step sp_on 120 "${sp[@]}" --dataset shared-prefix --num-groups 32 --prompts-per-group 16 --prefix-len 2048 \
+    --input-len 128 --output-len 128 --output-json "$OUT/sp_on.json"
+  TAIL=8 step mt_on 90 "${sp[@]}" --dataset multi-turn --num-prompts 1 --num-turns 10 --input-len 100 \
+    --output-len 32 --output-json "$OUT/mt.json"
+  TAIL=12 step prefix_workloads 200 python3 benchmarks/gpu/workloads.py --model "$MODEL" --only none \
+    --prefix-cache-workloads --out "$OUT/prefix_workloads.json"
 fi
 
 if has structured; then  # issue 10: JSON schema vs free text, batch 1 and 16, jump-forward on (SmolLM2's tokenizer)

@@ -17,9 +17,8 @@ Keys below the tile's first query position are visible to every row and take an
 unmasked loop; only the last blocks (the diagonal) are masked. Tiles are started
 last-first, so the longest (most keys) run first.
 
-Block sizes: BLOCK_M = 128 rows for 16-bit dtypes (64 for float32), BLOCK_T = BLOCK_M //
-GROUP_PAD, BLOCK_N = 64 keys per step (32 for float32), 8 warps (4 for float32 with
-head_dim <= 64). float32 dots use 3xTF32 on the GPU (about float32 accuracy).
+Block sizes: BLOCK_M rows, BLOCK_N keys per step, warps and stages from `kestrel/kernels/tuning.py`;
+BLOCK_T = BLOCK_M // GROUP_PAD query tokens. float32 dots use 3xTF32 on the GPU (about float32 accuracy).
 """
 
 from __future__ import annotations
@@ -29,6 +28,7 @@ import torch
 from kestrel.kernels.attention_common import attend_block
 from kestrel.kernels.launch_checks import check_attention, check_index, check_one_device
 from kestrel.kernels.triton_compat import tl, triton
+from kestrel.kernels.tuning import AttentionTuning, extend_tuning
 
 _LOG2E = 1.4426950408889634
 
@@ -92,7 +92,7 @@ def _extend_attention_kernel(
 
 def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, req_to_token: torch.Tensor,
                      req_rows: torch.Tensor, q_start_loc: torch.Tensor, seq_lens: torch.Tensor, out: torch.Tensor,
-                     sm_scale: float, max_query_len: int) -> torch.Tensor:
+                     sm_scale: float, max_query_len: int, tuning: AttentionTuning | None = None) -> torch.Tensor:
     """Causal attention of each request's new tokens over its cached prefix and themselves; returns out.
 
     q, out: [num_tokens, num_heads, head_dim], last dim contiguous (q may be a view into a qkv buffer).
@@ -101,6 +101,7 @@ def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     req_rows, seq_lens: [R] int32 (or int64); q_start_loc: [R + 1] int32 (or int64), q_start_loc[R] ==
     num_tokens and 1 <= q_len <= seq_len for every request (not checked: no host sync).
     max_query_len: the largest q_len (host int), used only to size the grid.
+    tuning: launch settings (block_m rows, block_n keys, warps, stages); `extend_tuning` when None.
     """
     num_heads, num_kv_heads, head_dim = check_attention(q, out, k_cache, v_cache, req_to_token, "num_tokens")
     num_tokens = q.shape[0]
@@ -118,8 +119,8 @@ def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     group = num_heads // num_kv_heads
     group_pad = triton.next_power_of_2(group)
     is_fp32 = q.dtype == torch.float32
-    block_m = 64 if is_fp32 else 128  # rows = (token, head) pairs per program
-    block_t = max(1, block_m // group_pad)
+    tuning = tuning or extend_tuning(q.dtype, head_dim)
+    block_t = max(1, tuning.block_m // group_pad)  # query tokens per program
     block_d = triton.next_power_of_2(head_dim)
     grid = (triton.cdiv(max_query_len, block_t), num_reqs, num_kv_heads)
     _extend_attention_kernel[grid](
@@ -127,9 +128,9 @@ def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), req_to_token.stride(0),
         sm_scale * _LOG2E,
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, GROUP=group, GROUP_PAD=group_pad,
-        BLOCK_T=block_t, BLOCK_M=block_t * group_pad, BLOCK_N=32 if is_fp32 else 64, BLOCK_D=block_d,
+        BLOCK_T=block_t, BLOCK_M=block_t * group_pad, BLOCK_N=tuning.block_n, BLOCK_D=block_d,
         DOT_PRECISION="tf32x3" if is_fp32 else "tf32",
         UPCAST_DOT=q.device.type == "cpu",  # the interpreter of Triton 3.9 multiplies bf16 dots as integers
-        num_warps=8 if not is_fp32 or head_dim > 64 else 4, num_stages=2,
+        num_warps=tuning.num_warps, num_stages=tuning.num_stages,
     )
     return out

@@ -60,3 +60,37 @@ def test_cuda_graphs_give_the_eager_greedy_tokens(tiny_llama_dir):
     engine = Engine(EngineConfig(**common))
     assert engine.executor.worker.graphs is not None
     assert _run(engine, prompts, greedy) == eager
+
+
+def test_mixed_step_sends_the_leading_decodes_to_the_decode_kernel():
+    """A step of decodes, then a prompt chunk, then one more decode: the first three go through
+    decode_attention, the rest through extend_attention; together they equal the reference attention."""
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from kernel_refs import make_kv_cache, make_req_to_token, ref_extend_attention, rel_err
+
+    from kestrel.attention.backend import BatchLayout
+    from kestrel.attention.triton_backend import TritonAttentionBackend
+
+    gen = torch.Generator().manual_seed(11)
+    heads, kv_heads, dim = 4, 2, 32
+    query_lens, seq_lens = [1, 1, 1, 9, 1], [40, 7, 70, 20, 33]
+    num_slots = sum(seq_lens) + 8
+    k_cache, v_cache = (t.to(_DEVICE) for t in make_kv_cache(num_slots, kv_heads, dim, torch.float32, "cpu", gen))
+    table, req_rows = make_req_to_token(seq_lens, num_slots, 80, _DEVICE, gen)
+    num_tokens = sum(query_lens)
+    q = torch.randn(num_tokens, heads, dim, generator=gen).to(_DEVICE)
+    k, v = (torch.randn(num_tokens, kv_heads, dim, generator=gen).to(_DEVICE) for _ in range(2))
+    slot_mapping = torch.cat([table[int(r), s - n:s] for r, s, n in zip(req_rows, seq_lens, query_lens)])
+    i32 = dict(dtype=torch.int32, device=_DEVICE)
+    q_start = torch.tensor([0, *query_lens], **i32).cumsum(0).to(torch.int32)
+    layout = BatchLayout(query_lens, seq_lens, q_start, torch.tensor(seq_lens, **i32), req_rows, table,
+                         slot_mapping.to(torch.int32))
+    backend = TritonAttentionBackend(num_heads=heads, num_kv_heads=kv_heads, head_dim=dim, max_model_len=80,
+                                     device=_DEVICE, max_num_seqs=8)
+    meta = backend.prepare(layout)
+    assert not meta.is_decode and meta.num_decodes == 3 and meta.max_query_len == 9
+    out = backend.forward(q, k, v, k_cache, v_cache, meta)
+    ref = ref_extend_attention(q, k_cache, v_cache, table, req_rows, q_start, layout.seq_lens_t, dim ** -0.5)
+    assert rel_err(out, ref) < 1e-4

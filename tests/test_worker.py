@@ -141,3 +141,18 @@ def test_torch_backend_graph_metadata_matches_per_step_metadata(seq_lens):
     untouched = torch.ones(num_slots, dtype=torch.bool)
     untouched[slot_mapping.long()] = False
     assert torch.equal(k_graph[:num_slots][untouched], k_cache[:num_slots][untouched])  # padding wrote the spare slot
+
+
+def test_staged_inputs_keep_their_values_and_start_16_byte_aligned():
+    """Each list is a view starting at a multiple of 16 bytes (Triton specializes kernels on pointer alignment)."""
+    from kestrel.worker.inputs import InputStager
+
+    batch = _batch()  # lists of 4, 4, 4, 3, 2, 2, 2, 4, 4, 4 ints: unaligned offsets if packed back to back
+    inputs = InputStager(torch.device("cpu")).stage(batch)
+    base = inputs.token_ids.data_ptr()
+    expected = [batch.token_ids, batch.positions, batch.slot_mapping, batch.query_start_loc, batch.seq_lens,
+                batch.req_rows, batch.sample_indices, batch.table_writes.rows, batch.table_writes.positions,
+                batch.table_writes.slots]
+    for view, values in zip(inputs, expected):
+        assert view.dtype == torch.int32 and view.tolist() == list(values)
+        assert (view.data_ptr() - base) % 16 == 0

@@ -104,7 +104,7 @@ def _time(b: kc.Bench, run, out, ref, row: dict, num_bytes: float | None, flops:
 
 
 def _is_default(row: dict, dtype: torch.dtype, head_dim: int) -> bool:
-    d = decode_tuning(dtype, head_dim) if row["kernel"] == "decode" else extend_tuning(dtype, head_dim)
+    d = decode_tuning(dtype, head_dim, row["batch"]) if row["kernel"] == "decode" else extend_tuning(dtype, head_dim)
     return _asdict(d) == {k: row[k] for k in ("block_n", "num_warps", "num_stages", "block_m")}
 
 

@@ -4,9 +4,12 @@ A step is one of two kinds:
 - decode-only (one new token per request): split-K flash-decoding over the slot table
   (`decode_attention`), GQA-aware, with a fixed number of KV splits so nothing depends on host-side
   sequence lengths: the same launch is captured in a CUDA graph and replayed;
-- anything else (prefills, chunked prefills, prefix-cache hits, decodes mixed in): one
-  `extend_attention` launch over the flat batch, each request's new tokens attending causally over
-  its cached prefix and themselves, all keys read from the cache through the slot table.
+- anything else (prefills, chunked prefills, prefix-cache hits, decodes mixed in): the leading
+  requests with one new token (the running decodes: the scheduler puts running requests first) go
+  through `decode_attention` as above, the rest through one `extend_attention` launch, each request's
+  new tokens attending causally over its cached prefix and themselves, all keys read from the cache
+  through the slot table. (The extend kernel pads each one-token request to a tile of BLOCK_M rows:
+  at 256 decodes beside a prompt chunk that wasted tile was most of a mixed step's attention time.)
 
 Either way the new tokens' k/v are stored first (`store_kv`; slot -1 is padding and writes nothing).
 """
@@ -47,6 +50,10 @@ class TritonAttentionMeta:
     max_query_len: int
     is_decode: bool
     num_kv_splits: int             # decode: splits of each request's keys
+    num_decodes: int = 0           # mixed step: the first num_decodes requests (one token each) decode
+    extend: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    """Mixed step: (req_rows, query_start_loc, seq_lens) of the requests after the decodes, 16-byte aligned
+    copies (Triton specializes on pointer alignment; a view at an odd offset would compile a new variant)."""
 
 
 class TritonAttentionBackend:
@@ -66,9 +73,17 @@ class TritonAttentionBackend:
                          if self.device.type == "cuda" else 132)
 
     def prepare(self, layout: BatchLayout) -> TritonAttentionMeta:
+        if layout.is_decode_only:
+            return TritonAttentionMeta(layout.slot_mapping, layout.slot_table, layout.req_rows, layout.seq_lens_t,
+                                       layout.query_start_loc, 1, True,
+                                       num_kv_splits(layout.num_reqs, self.num_kv_heads, self._num_sms))
+        lens = layout.query_lens
+        num_decodes = next((i for i, n in enumerate(lens) if n != 1), len(lens))
+        d = num_decodes
+        extend = tuple(t[d:].clone() for t in (layout.req_rows, layout.query_start_loc, layout.seq_lens_t))
         return TritonAttentionMeta(layout.slot_mapping, layout.slot_table, layout.req_rows, layout.seq_lens_t,
-                                   layout.query_start_loc, layout.max_query_len, layout.is_decode_only,
-                                   num_kv_splits(layout.num_reqs, self.num_kv_heads, self._num_sms))
+                                   layout.query_start_loc, max(lens[d:]), False,
+                                   num_kv_splits(max(1, d), self.num_kv_heads, self._num_sms), d, extend)
 
     def forward(self, q, k, v, k_cache, v_cache, meta: TritonAttentionMeta) -> torch.Tensor:
         # q: [T, H, D], k/v: [T, KH, D], caches: [num_slots + 1, KH, D] -> [T, H, D]
@@ -77,8 +92,13 @@ class TritonAttentionBackend:
         if meta.is_decode:
             return decode_attention(q, k_cache, v_cache, meta.slot_table, meta.req_rows, meta.seq_lens, out,
                                     self.sm_scale, meta.num_kv_splits, self._workspace)
-        return extend_attention(q, k_cache, v_cache, meta.slot_table, meta.req_rows, meta.query_start_loc,
-                                meta.seq_lens, out, self.sm_scale, meta.max_query_len)
+        d = meta.num_decodes
+        if d:  # the leading one-token requests: their tokens are the first d of the flat batch
+            decode_attention(q[:d], k_cache, v_cache, meta.slot_table, meta.req_rows[:d], meta.seq_lens[:d], out[:d],
+                             self.sm_scale, meta.num_kv_splits, self._workspace)
+        req_rows, query_start_loc, seq_lens = meta.extend
+        return extend_attention(q, k_cache, v_cache, meta.slot_table, req_rows, query_start_loc, seq_lens, out,
+                                self.sm_scale, meta.max_query_len)
 
     def graph_metadata(self, max_batch_size: int, slot_table: torch.Tensor) -> TritonAttentionMeta:
         """Static decode buffers; padding rows have seq_len 0 (they attend nothing) and slot -1."""

@@ -164,7 +164,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     group = num_heads // num_kv_heads
     block_d = triton.next_power_of_2(head_dim)
     is_fp32 = q.dtype == torch.float32
-    tuning = tuning or decode_tuning(q.dtype, head_dim)
+    tuning = tuning or decode_tuning(q.dtype, head_dim, batch)
     _decode_partial_kernel[(batch, num_kv_heads, num_kv_splits)](
         q, k_cache, v_cache, req_to_token, req_rows, seq_lens, part_out, part_lse, out,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), req_to_token.stride(0),

@@ -138,6 +138,9 @@ class EngineConfig:
     """GPU: the fraction of the device's memory Kestrel may use in all (weights, activations, KV pool)."""
     enforce_eager: bool = False
     """GPU: run every step eagerly instead of replaying CUDA graphs for decode steps."""
+    mixed_graph_max_tokens: int = 512
+    """GPU: mixed steps (prefill + decodes) of up to this many tokens replay piecewise CUDA graphs, one per
+    64-token bucket, captured at start-up (worker/piecewise_graphs.py); 0 turns them off."""
     async_scheduling: bool | None = None
     """Build step N+1 while step N runs (its sampled tokens are read one step late; a request stopped by
     EOS may compute one extra token, which is dropped). None: on for CUDA, off on CPU."""
@@ -183,6 +186,9 @@ class EngineConfig:
                              f"got {self.schedule_policy!r}.")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}.")
+        if self.mixed_graph_max_tokens < 0 or self.mixed_graph_max_tokens % 64:
+            raise ValueError(f"mixed_graph_max_tokens must be a multiple of 64 (0 = off), "
+                             f"got {self.mixed_graph_max_tokens}.")
         if self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}.")
         if self.grammar_cache_size < 1:

@@ -23,7 +23,10 @@ def add_engine_args(parser: argparse.ArgumentParser, with_model: bool = True) ->
                         help="memory for the KV cache (default: 1 on CPU; on GPU what --gpu-memory-utilization leaves)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                         help="GPU: fraction of device memory for weights, activations and the KV pool")
-    parser.add_argument("--enforce-eager", action="store_true", help="GPU: no CUDA graphs for decode steps")
+    parser.add_argument("--enforce-eager", action="store_true", help="GPU: no CUDA graphs (decode or mixed steps)")
+    parser.add_argument("--mixed-graph-max-tokens", type=int, default=512,
+                        help="GPU: mixed prefill+decode steps of up to this many tokens replay piecewise CUDA "
+                             "graphs (64-token buckets, captured at start-up); a multiple of 64, 0 = off")
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                         help="build the next step while this one runs (default: on for CUDA, off on CPU)")
     parser.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS,
@@ -60,6 +63,7 @@ def engine_config_from_args(args: argparse.Namespace, **overrides) -> EngineConf
         prepack_weights=getattr(args, "prepack_weights", True),
         compile_decode=getattr(args, "compile_decode", False),
         gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
+        mixed_graph_max_tokens=getattr(args, "mixed_graph_max_tokens", 512),
         async_scheduling=args.async_scheduling,
         attention_backend=args.attention_backend, distributed_executor_backend=args.distributed_executor_backend,
         jump_forward=args.jump_forward, grammar_cache_size=args.grammar_cache_size,

@@ -87,11 +87,50 @@ def _host_timers(engine: Engine) -> dict[str, float]:
     return acc
 
 
+def _mixed(engine: Engine, steps: int, phases: dict, activities, sync, device: str) -> None:
+    """240 requests decoding (seq ~300) and, each step, one new 256-token prompt that ends after its prefill."""
+    vocab = engine.model_config.vocab_size
+    params = SamplingParams(temperature=0, max_tokens=10_000, ignore_eos=True)
+    for i, p in enumerate(random_prompts(240, 256, vocab, 3)):
+        engine.add_request(f"m{i}", p, params)
+    for _ in range(48):
+        engine.step()
+    new = iter(random_prompts(3 * steps + 8, 256, vocab, 4))
+    one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+
+    def run(label: str) -> float:
+        sync()
+        t0 = time.perf_counter()
+        for i in range(steps):
+            engine.add_request(f"{label}{i}", next(new), one)
+            engine.step()
+        sync()
+        return time.perf_counter() - t0
+
+    plain = run("u")
+    phases.clear()
+    timed = run("t")
+    print(f"== mixed 240 decodes + 1 x 256 prefill: unprofiled wall {plain / steps * 1e3:.3f} ms/step; with host "
+          f"timers {timed / steps * 1e3:.3f} ms/step: " + ", ".join(f"{k} {v / steps * 1e3:.3f}" for k, v in phases.items()))
+    with profile(activities=activities) as prof:
+        wall = run("p")
+    _table(prof, steps, wall, "mixed 240 decodes + 1 x 256 prefill", device)
+    _timeline(prof, steps, device)
+    for i in range(240):
+        engine.abort_request(f"m{i}")
+    while engine.has_unfinished_requests():
+        engine.step()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--cases", nargs="*", default=["b1", "b64", "mixed", "prefill"],
+                        choices=["b1", "b64", "mixed", "prefill"],
+                        help="mixed: 240 decodes + one new 256-token prompt per step (the 2000 x 256/256 "
+                             "workload's steady state, eager: mixed steps have no CUDA graph)")
     args = parser.parse_args()
     config = EngineConfig(model=args.model, load_format="dummy", dtype="bfloat16", device=args.device,
                           max_model_len=4096, max_num_seqs=256, max_num_batched_tokens=8192, show_progress=False)
@@ -101,7 +140,7 @@ def main() -> int:
     vocab = engine.model_config.vocab_size
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device != "cpu" else [])
     sync = torch.cuda.synchronize if args.device != "cpu" else (lambda: None)
-    for batch in (1, 64):
+    for batch in [b for b, name in ((1, "b1"), (64, "b64")) if name in args.cases]:
         params = SamplingParams(temperature=0, max_tokens=10_000, ignore_eos=True)
         for i, p in enumerate(random_prompts(batch, 512, vocab, batch)):
             engine.add_request(f"b{batch}-{i}", p, params)
@@ -132,6 +171,10 @@ def main() -> int:
         _timeline(prof, args.steps, args.device)
         for i in range(batch):
             engine.abort_request(f"b{batch}-{i}")
+    if "mixed" in args.cases:
+        _mixed(engine, args.steps, phases, activities, sync, args.device)
+    if "prefill" not in args.cases:
+        return 0
     for i, p in enumerate(random_prompts(4, 2048, vocab, 7)):
         engine.add_request(f"p{i}", p, SamplingParams(temperature=0, max_tokens=1))
     sync()

@@ -1,6 +1,7 @@
 """Blocks shared by decoder-only architectures, so each architecture is a short file of its own.
 
-- `RotaryAttention`: fused qkv projection, RoPE on q and k, the attention backend, output projection.
+- `RotaryAttention`: fused qkv projection and RoPE on q and k (`project`), output projection (`output`);
+  the attention backend runs between the two (`DecoderLayer`).
 - `GatedMLP`: gate_up projection, SiLU-and-mul, down projection (Llama, Qwen2, Mistral, ...).
 - `DecoderLayer`: pre-norm attention and MLP with the residual carried through fused RMSNorms.
 - `DecoderModel`: embedding, RoPE tables, the layers, the final norm.
@@ -39,15 +40,16 @@ class RotaryAttention(nn.Module):
         self.head_dim = cfg.head_dim
         self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, tp=tp)
 
-    def forward(self, rope: Rope, x: torch.Tensor, ctx: AttentionContext,
-                kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def project(self, rope: Rope, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [T, hidden] -> q [T, H, D], k [T, KH, D] (rotated), v [T, KH, D]."""
         num_tokens, num_heads, num_kv_heads = x.shape[0], self.num_heads, self.num_kv_heads
         qkv = self.qkv_proj(x).view(num_tokens, num_heads + 2 * num_kv_heads, self.head_dim)
         q, k = rope.rotate(qkv[:, : num_heads + num_kv_heads], num_heads)  # [T, H, D], [T, KH, D]
-        v = qkv[:, num_heads + num_kv_heads:]                               # [T, KH, D]
-        k_cache, v_cache = kv_cache  # this layer's, [num_slots, KH, D] each
-        out = ctx.backend.forward(q, k, v, k_cache, v_cache, ctx.meta)  # [T, H, D]
-        return self.o_proj(out.reshape(num_tokens, num_heads * self.head_dim))
+        return q, k, qkv[:, num_heads + num_kv_heads:]
+
+    def output(self, attn: torch.Tensor) -> torch.Tensor:
+        """attn [T, H, D] -> [T, hidden]."""
+        return self.o_proj(attn.reshape(attn.shape[0], self.num_heads * self.head_dim))
 
 
 class GatedMLP(nn.Module):
@@ -72,13 +74,24 @@ class DecoderLayer(nn.Module):
     def forward(self, rope, x, residual, ctx: AttentionContext, kv_cache):
         """kv_cache: this layer's (k_cache, v_cache) (the layer never indexes the context by its id, so
         one compiled layer serves all of them: see worker/compiled_decode.py)."""
+        q, k, v, residual = self.pre_attention(rope, x, residual)
+        k_cache, v_cache = kv_cache  # this layer's, [num_slots, KH, D] each
+        return self.post_attention(ctx.backend.forward(q, k, v, k_cache, v_cache, ctx.meta), residual)
+
+    def pre_attention(self, rope, x, residual):
+        """Everything before attention: (q, k, v, residual). Split out so that mixed steps can run the
+        parts between attention calls as CUDA graphs (worker/piecewise_graphs.py)."""
         if residual is None:
             residual = x
             x = self.input_layernorm(x)
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(rope, x, ctx, kv_cache)
-        x, residual = self.post_attention_layernorm(x, residual)
+        q, k, v = self.self_attn.project(rope, x)
+        return q, k, v, residual
+
+    def post_attention(self, attn, residual):
+        """attn [T, H, D] -> (the layer's output, residual)."""
+        x, residual = self.post_attention_layernorm(self.self_attn.output(attn), residual)
         return self.mlp(x), residual
 
 

@@ -25,9 +25,11 @@ from kestrel.config import EngineConfig, ModelConfig
 from kestrel.kernels.cpu_linear import cpu_has_native_bf16
 from kestrel.kernels.cpu_malloc import keep_freed_memory
 from kestrel.kvcache.pool import KVPool
+from kestrel.models.common import DecoderModel
 from kestrel.models.loader import build_model, pack_weights
 from kestrel.step_batch import SampleRow, StepBatch, StepResult
 from kestrel.worker.inputs import InputStager
+from kestrel.worker.piecewise_graphs import PiecewiseGraphRunner
 from kestrel.worker.sampler import Sampler, SamplerOutput, SamplingRow
 from kestrel.worker.compiled_decode import CompiledDecodeRunner
 from kestrel.worker.cuda_graphs import CudaGraphRunner
@@ -90,6 +92,11 @@ class Worker:
             self.graphs = CudaGraphRunner(self.model, self.backend, self.kv_caches, self.slot_table.table,
                                           config.max_num_seqs, self.device)
             self.graphs.capture()
+        self.mixed_graphs: PiecewiseGraphRunner | None = None
+        if self.graphs is not None and config.mixed_graph_max_tokens and isinstance(self.model.model, DecoderModel):
+            self.mixed_graphs = PiecewiseGraphRunner(self.model, self.kv_caches, config.mixed_graph_max_tokens,
+                                                     self.device)
+            self.mixed_graphs.capture()
         self.compiled: CompiledDecodeRunner | None = None
         if self.device.type == "cpu" and config.compile_decode:
             self.compiled = CompiledDecodeRunner(self.model, self.kv_caches, config.max_num_seqs, self.device)
@@ -123,7 +130,10 @@ class Worker:
             logits = self.compiled.run(token_ids, inputs.positions, layout)  # [R, vocab]
         else:
             ctx = AttentionContext(self.backend, self.backend.prepare(layout), self.kv_caches)
-            hidden = self.model(token_ids, inputs.positions, ctx)  # [T, hidden]
+            if self.mixed_graphs is not None and self.mixed_graphs.can_run(layout):
+                hidden = self.mixed_graphs.run(token_ids, inputs.positions, ctx)  # [T, hidden]
+            else:
+                hidden = self.model(token_ids, inputs.positions, ctx)  # [T, hidden]
             if not batch.sample_rows:
                 return PendingStep(None)
             logits = self.model.compute_logits(hidden[inputs.sample_indices])  # [S, vocab]

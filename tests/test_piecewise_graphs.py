@@ -17,15 +17,7 @@ from kestrel.engine import Engine
 from kestrel.sampling_params import SamplingParams
 from kestrel.worker.piecewise_graphs import BUCKET, PiecewiseGraphRunner, eager_capture
 
-
-def _run(engine: Engine, prompts: dict[str, list[int]], params: SamplingParams) -> dict[str, list[int]]:
-    for rid, ids in prompts.items():
-        engine.add_request(rid, ids, params)
-    tokens: dict[str, list[int]] = {rid: [] for rid in prompts}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            tokens[out.request_id] += out.new_token_ids
-    return tokens
+from engine_runs import run_tokens
 
 
 def test_mixed_steps_through_the_pieces_give_the_plain_forwards_tokens(tiny_llama_dir):
@@ -34,7 +26,7 @@ def test_mixed_steps_through_the_pieces_give_the_plain_forwards_tokens(tiny_llam
     greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     common = dict(model=tiny_llama_dir, show_progress=False, dtype="float32", device="cpu",
                   max_num_batched_tokens=100, max_num_seqs=4)
-    reference = _run(Engine(EngineConfig(**common)), prompts, greedy)
+    reference = run_tokens(Engine(EngineConfig(**common)), prompts, greedy)
 
     engine = Engine(EngineConfig(**common))
     worker = engine.executor.worker
@@ -47,7 +39,7 @@ def test_mixed_steps_through_the_pieces_give_the_plain_forwards_tokens(tiny_llam
         sizes.append(token_ids.shape[0])
         return run(token_ids, positions, ctx)
     runner.run = counted
-    assert _run(engine, prompts, greedy) == reference
+    assert run_tokens(engine, prompts, greedy) == reference
     assert len(sizes) >= 3 and max(sizes) > BUCKET  # several mixed steps, in both buckets
     assert sorted(runner._buckets) == [BUCKET, 2 * BUCKET]
 

@@ -23,18 +23,13 @@ from kestrel.config import EngineConfig  # noqa: E402
 from kestrel.engine import Engine  # noqa: E402
 from kestrel.sampling_params import SamplingParams  # noqa: E402
 
+from engine_runs import run_tokens  # noqa: E402
+
 _DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _run(engine: Engine, prompts: dict[str, list[int]], params: SamplingParams) -> dict[str, list[int]]:
-    for rid, ids in prompts.items():
-        engine.add_request(rid, ids, params)
-    tokens: dict[str, list[int]] = {rid: [] for rid in prompts}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            tokens[out.request_id] += out.new_token_ids
-        engine.check_integrity()
-    return tokens
+    return run_tokens(engine, prompts, params, check_integrity=True)
 
 
 def test_triton_backend_gives_the_torch_backends_greedy_tokens(tiny_llama_dir):
@@ -65,9 +60,6 @@ def test_cuda_graphs_give_the_eager_greedy_tokens(tiny_llama_dir):
 def test_mixed_step_sends_the_leading_decodes_to_the_decode_kernel():
     """A step of decodes, then a prompt chunk, then one more decode: the first three go through
     decode_attention, the rest through extend_attention; together they equal the reference attention."""
-    import sys
-
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from kernel_refs import make_kv_cache, make_req_to_token, ref_extend_attention, rel_err
 
     from kestrel.attention.backend import BatchLayout

@@ -1,7 +1,7 @@
 """Sweep the attention kernels' launch settings at the shapes of issue 7's workloads (Llama-3.1-8B, bf16).
 
     python benchmarks/gpu/attn_sweep.py --out attn_sweep.json        # on a GPU (~3 min)
-    python benchmarks/gpu/attn_sweep.py --tiny                        # tiny shapes, CPU interpreter: runs, no timing value
+    python benchmarks/gpu/attn_sweep.py --tiny                        # tiny shapes, CPU interpreter: no timing value
 
 For each shape it times every candidate `AttentionTuning` (block_n x warps x stages, and
 block_m for extend; KV splits for decode) with `triton.testing.do_bench` (median), checks
@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import kernels_check as kc  # noqa: E402  (sets TRITON_INTERPRET on a CPU before the kernels import)
 
-from kestrel.kernels.decode_attention import decode_attention, decode_workspace_size  # noqa: E402
+from kestrel.kernels.decode_attention import decode_attention  # noqa: E402
 from kestrel.kernels.extend_attention import extend_attention  # noqa: E402
 from kestrel.kernels.tuning import AttentionTuning, decode_tuning, extend_tuning  # noqa: E402
 
@@ -37,13 +37,8 @@ def candidates(block_ms: list[int], tiny: bool) -> list[AttentionTuning]:
 
 
 def sweep_decode(b: kc.Bench, m: kc.Model, batch: int, seq_len: int, splits: list[int]) -> list[dict]:
-    jitter = max(1, seq_len // 16)
-    seq_lens = [max(1, seq_len + int(x)) for x in torch.randint(-jitter, jitter + 1, (batch,), generator=b.gen)]
-    k_cache, v_cache, req_to_token, req_rows = b.kv_batch(m, seq_lens)
-    q, _, _ = b.qkv(m, batch)
-    seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=b.device)
-    workspace = torch.empty(decode_workspace_size(batch, m.num_heads, m.head_dim, max(splits)),
-                            dtype=torch.float32, device=b.device)
+    q, k_cache, v_cache, req_to_token, req_rows, seq_lens, seq_lens_t = b.decode_case(m, batch, seq_len)
+    workspace = b.workspace(m, batch, max(splits))
     scale = m.head_dim ** -0.5
     kv_bytes = 2 * sum(seq_lens) * m.num_kv_heads * m.head_dim * k_cache.element_size()
     ref = torch.empty_like(q)
@@ -61,15 +56,9 @@ def sweep_decode(b: kc.Bench, m: kc.Model, batch: int, seq_len: int, splits: lis
 
 
 def sweep_extend(b: kc.Bench, m: kc.Model, cases: list[tuple[int, int]], label: str) -> list[dict]:
+    q, k_cache, v_cache, req_to_token, req_rows, q_start_loc, seq_lens, seq_lens_t, flops = b.extend_case(m, cases)
     q_lens = [q_len for _, q_len in cases]
-    seq_lens = [prefix + q_len for prefix, q_len in cases]
-    k_cache, v_cache, req_to_token, req_rows = b.kv_batch(m, seq_lens)
-    q, _, _ = b.qkv(m, sum(q_lens))
-    q_start_loc = torch.tensor([0] + q_lens).cumsum(0).to(torch.int32).to(b.device)
-    seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=b.device)
     scale = m.head_dim ** -0.5
-    pairs = sum(q_len * prefix + q_len * (q_len + 1) // 2 for prefix, q_len in cases)
-    flops = 4 * m.head_dim * m.num_heads * pairs
     ref = torch.empty_like(q)
     extend_attention(q, k_cache, v_cache, req_to_token, req_rows, q_start_loc, seq_lens_t, ref, scale, max(q_lens))
     rows = []

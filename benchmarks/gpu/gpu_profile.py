@@ -110,8 +110,9 @@ def _mixed(engine: Engine, steps: int, phases: dict, activities, sync, device: s
     plain = run("u")
     phases.clear()
     timed = run("t")
+    timers = ", ".join(f"{k} {v / steps * 1e3:.3f}" for k, v in phases.items())
     print(f"== mixed 240 decodes + 1 x 256 prefill: unprofiled wall {plain / steps * 1e3:.3f} ms/step; with host "
-          f"timers {timed / steps * 1e3:.3f} ms/step: " + ", ".join(f"{k} {v / steps * 1e3:.3f}" for k, v in phases.items()))
+          f"timers {timed / steps * 1e3:.3f} ms/step: {timers}")
     with profile(activities=activities) as prof:
         wall = run("p")
     _table(prof, steps, wall, "mixed 240 decodes + 1 x 256 prefill", device)

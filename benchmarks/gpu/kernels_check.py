@@ -105,6 +105,36 @@ class Bench:
                                                         self.gen)
         return k_cache, v_cache, req_to_token, req_rows
 
+    def decode_case(self, m: Model, batch: int, seq_len: int):
+        """`batch` requests of ~seq_len keys (+-1/16).
+
+        Returns (q, k_cache, v_cache, req_to_token, req_rows, seq_lens, seq_lens_t)."""
+        jitter = max(1, seq_len // 16)
+        offsets = torch.randint(-jitter, jitter + 1, (batch,), generator=self.gen)
+        seq_lens = [max(1, seq_len + int(x)) for x in offsets]
+        k_cache, v_cache, req_to_token, req_rows = self.kv_batch(m, seq_lens)
+        q, _, _ = self.qkv(m, batch)
+        seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=self.device)
+        return q, k_cache, v_cache, req_to_token, req_rows, seq_lens, seq_lens_t
+
+    def workspace(self, m: Model, batch: int, num_kv_splits: int) -> torch.Tensor:
+        return torch.empty(decode_workspace_size(batch, m.num_heads, m.head_dim, num_kv_splits),
+                           dtype=torch.float32, device=self.device)
+
+    def extend_case(self, m: Model, cases: list[tuple[int, int]]):
+        """cases: (cached prefix, new tokens) per request -> (q, k_cache, v_cache, req_to_token, req_rows,
+        q_start_loc, seq_lens, seq_lens_t, causal FLOPs)."""
+        q_lens = [q_len for _, q_len in cases]
+        seq_lens = [prefix + q_len for prefix, q_len in cases]
+        k_cache, v_cache, req_to_token, req_rows = self.kv_batch(m, seq_lens)
+        q, _, _ = self.qkv(m, sum(q_lens))
+        q_start_loc = torch.tensor([0] + q_lens).cumsum(0).to(torch.int32).to(self.device)
+        seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=self.device)
+        # Query at position p sees p + 1 keys; positions of request r run over [prefix, prefix + q_len).
+        pairs = sum(q_len * prefix + q_len * (q_len + 1) // 2 for prefix, q_len in cases)
+        return (q, k_cache, v_cache, req_to_token, req_rows, q_start_loc, seq_lens, seq_lens_t,
+                4 * m.head_dim * m.num_heads * pairs)
+
     def qkv(self, m: Model, num_tokens: int):
         qkv = self.randn(num_tokens, (m.num_heads + 2 * m.num_kv_heads) * m.head_dim)
         q, k, v = qkv.split([m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim,
@@ -128,14 +158,9 @@ def bench_store_kv(b: Bench, m: Model, num_tokens: int) -> None:
 
 
 def bench_decode(b: Bench, m: Model, batch: int, seq_len: int, num_kv_splits: int) -> None:
-    jitter = max(1, seq_len // 16)
-    seq_lens = [max(1, seq_len + int(x)) for x in torch.randint(-jitter, jitter + 1, (batch,), generator=b.gen)]
-    k_cache, v_cache, req_to_token, req_rows = b.kv_batch(m, seq_lens)
-    q, _, _ = b.qkv(m, batch)
-    seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=b.device)
+    q, k_cache, v_cache, req_to_token, req_rows, seq_lens, seq_lens_t = b.decode_case(m, batch, seq_len)
     out = torch.full(q.shape, float("nan"), dtype=b.dtype, device=b.device)
-    workspace = torch.empty(decode_workspace_size(batch, m.num_heads, m.head_dim, num_kv_splits),
-                            dtype=torch.float32, device=b.device)
+    workspace = b.workspace(m, batch, num_kv_splits)
     scale = m.head_dim ** -0.5
 
     def run():
@@ -158,8 +183,7 @@ def check_decode_cuda_graph(b: Bench, m: Model) -> None:
     q, _, _ = b.qkv(m, batch)
     seq_lens_t = torch.full((batch,), 5, dtype=torch.int32, device=b.device)
     out = torch.empty(q.shape, dtype=b.dtype, device=b.device)
-    workspace = torch.empty(decode_workspace_size(batch, m.num_heads, m.head_dim, num_kv_splits),
-                            dtype=torch.float32, device=b.device)
+    workspace = b.workspace(m, batch, num_kv_splits)
     scale = m.head_dim ** -0.5
 
     def run():
@@ -183,12 +207,8 @@ def check_decode_cuda_graph(b: Bench, m: Model) -> None:
 
 def bench_extend(b: Bench, m: Model, cases: list[tuple[int, int]], label: str) -> None:
     """cases: (cached prefix, new tokens) per request."""
+    q, k_cache, v_cache, req_to_token, req_rows, q_start_loc, seq_lens, seq_lens_t, flops = b.extend_case(m, cases)
     q_lens = [q_len for _, q_len in cases]
-    seq_lens = [prefix + q_len for prefix, q_len in cases]
-    k_cache, v_cache, req_to_token, req_rows = b.kv_batch(m, seq_lens)
-    q, _, _ = b.qkv(m, sum(q_lens))
-    q_start_loc = torch.tensor([0] + q_lens).cumsum(0).to(torch.int32).to(b.device)
-    seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=b.device)
     out = torch.full(q.shape, float("nan"), dtype=b.dtype, device=b.device)
     scale = m.head_dim ** -0.5
 
@@ -199,9 +219,6 @@ def bench_extend(b: Bench, m: Model, cases: list[tuple[int, int]], label: str) -
     run()
     ref = refs.ref_extend_attention(q, k_cache, v_cache, req_to_token, req_rows, q_start_loc, seq_lens_t, scale)
     err = refs.rel_err(out, ref)
-    # Query at position p sees p + 1 keys; positions of request r run over [prefix, prefix + q_len).
-    pairs = sum(q_len * prefix + q_len * (q_len + 1) // 2 for prefix, q_len in cases)
-    flops = 4 * m.head_dim * m.num_heads * pairs
     kv_bytes = 2 * sum(seq_lens) * m.num_kv_heads * m.head_dim * k_cache.element_size()
     num_bytes = kv_bytes + 2 * q.numel() * q.element_size() + sum(seq_lens) * 4
     b.record("extend_attention", label, err, run, num_bytes, flops)

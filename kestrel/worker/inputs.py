@@ -1,7 +1,8 @@
 """Step inputs on the device: one `StepBatch`'s integer lists become device tensors in one copy.
 
-All lists are packed into one int32 array, each starting 16-byte aligned (`_ALIGN`); on CUDA it goes through a pinned host buffer with one
-non-blocking copy, then is split into views. On CPU the views share the numpy array's memory.
+All lists are packed into one int32 array, each starting 16-byte aligned (`_ALIGN`); on CUDA it goes
+through a pinned host buffer with one non-blocking copy, then is split into views. On CPU the views
+share the numpy array's memory.
 Two pinned buffers take turns, each reused only once the copy out of it has finished (an event),
 so the next step can be staged while this one still runs (async scheduling).
 """

@@ -17,8 +17,8 @@ A step of T tokens replays the smallest bucket b >= T (multiples of 64 up to `ma
 ids and positions are copied into static buffers, rows T..b are padding (token 0, position 0), which
 the row-wise pieces compute and nothing reads; attention sees only the first T rows, so padding
 writes no KV. The worker captures every bucket at start-up (`capture`); a bucket missing then is
-captured the first time a step needs it. The capture function is injectable: tests on a CPU use an eager stand-in with the same
-fixed-output-buffer semantics as a graph replay.
+captured the first time a step needs it. The capture function is injectable: tests on a CPU use an
+eager stand-in with the same fixed-output-buffer semantics as a graph replay.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ qkv_proj, each as one shard). A parameter with a `weight_loader` takes its tenso
 itself; others are copied whole. Every parameter (and every shard of a merged one) must be set,
 or loading fails naming what is missing.
 
-`load_named_int4` maps the same names for a checkpoint's int4 codes (`--cpu-int4-decode`): each
+`load_named_int4` maps the same names for a checkpoint's int4 codes (`--cpu-quantized-decode`): each
 goes to the module owning the target parameter (its `load_int4`), shard and all.
 """
 

@@ -155,6 +155,12 @@ class EngineConfig:
     compile_decode: bool = False
     """CPU: run decode steps as one torch.compile'd graph (inductor: fused elementwise ops, attention read
     through the slot table); compiled at start-up (tens of seconds on 2 cores, cached on disk)."""
+    cpu_quantized_decode: bool = False
+    """CPU: matmuls of a few rows (decode at small batch: up to 8 rows on int4, 4 on int8) read quantized
+    weights: int4 where a GGUF stores the weight as Q4_0/Q4_1 (its own codes, scales rounded to bf16), int8 per
+    output row rounded from the float weight otherwise; activations in bf16. Faster, slightly different results
+    (which also depend on a step's row count); needs float32 weights and prepacking. Larger matmuls keep the
+    float32 weights."""
     attention_backend: str = "auto"
     """Attention implementation (`kestrel.attention.create_backend`): torch (the reference, any device),
     triton (GPU kernels), or auto: triton on CUDA, torch elsewhere."""
@@ -203,3 +209,13 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}.")
         if self.device not in DEVICES and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be one of {', '.join(DEVICES)} or cuda:N, got {self.device!r}.")
+        if self.cpu_quantized_decode:
+            if self.device.startswith("cuda"):
+                raise ValueError(f"cpu_quantized_decode runs on CPU only; got device {self.device!r} "
+                                 "(pass device cpu, or drop cpu_quantized_decode).")
+            if self.dtype not in ("auto", "float32"):
+                raise ValueError("cpu_quantized_decode needs float32 weights (dtype auto or float32), "
+                                 f"got {self.dtype!r}.")
+            if not self.prepack_weights:
+                raise ValueError("cpu_quantized_decode needs prepack_weights (its larger matmuls run on the packed "
+                                 "float32 weights); drop --no-prepack-weights.")

@@ -33,7 +33,8 @@ from _emit import emit  # benchmarks/cpu/_emit.py (the script's folder is on sys
 
 CATEGORIES = (
     ("gemm", ("mkldnn::_linear_pointwise", "aten::addmm", "aten::mm", "aten::linear", "aten::matmul",
-              "aten::bmm", "mkldnn_linear", "torch_ops_kestrel")),
+              "aten::bmm", "mkldnn_linear", "torch_ops_kestrel", "_weight_int4pack_mm",
+              "_weight_int8pack_mm")),
     ("sdpa", ("scaled_dot_product", "_flash_attention", "aten::_softmax", "aten::baddbmm")),
     ("kv_gather", ("aten::index_select", "aten::index", "aten::gather")),
     ("kv_store", ("aten::index_put", "aten::_index_put_impl_")),

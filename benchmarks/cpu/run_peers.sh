@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Side by side on this CPU machine, one server at a time, same client: Kestrel (eager, --compile-decode),
 # vLLM CPU and llama.cpp (../shared/peers scripts; PEERS_DIR to use another copy of them).
-#   bash benchmarks/cpu/run_peers.sh OUT_DIR [engines...]   engines: kestrel kestrel-compiled vllm llamacpp
+#   bash benchmarks/cpu/run_peers.sh OUT_DIR [engines...]
+#   engines: kestrel kestrel-compiled kestrel-quant kestrel-quant-compiled (--cpu-quantized-decode) vllm llamacpp
 # 128 in / 128 out, /v1/completions, greedy, ignore EOS, concurrency 1 (8 prompts), 8 (16), 16 (32);
 # CONCURRENCY="1" for a subset.
 set -uo pipefail
@@ -13,6 +14,8 @@ for e in $engines; do
   case $e in
     kestrel) port=8011; kestrel serve --port $port --disable-uvicorn-access-log --dtype float32 >"$out/$e.log" 2>&1 & ;;
     kestrel-compiled) port=8012; kestrel serve --port $port --disable-uvicorn-access-log --dtype float32 --compile-decode >"$out/$e.log" 2>&1 & ;;
+    kestrel-quant) port=8013; kestrel serve --port $port --disable-uvicorn-access-log --dtype float32 --cpu-quantized-decode >"$out/$e.log" 2>&1 & ;;
+    kestrel-quant-compiled) port=8014; kestrel serve --port $port --disable-uvicorn-access-log --dtype float32 --cpu-quantized-decode --compile-decode >"$out/$e.log" 2>&1 & ;;
     vllm) port=8000; bash "$peers/serve-vllm.sh" $port float32 >"$out/$e.log" 2>&1 & ;;
     llamacpp) port=8081; bash "$peers/serve-llamacpp.sh" $port >"$out/$e.log" 2>&1 & ;;
   esac

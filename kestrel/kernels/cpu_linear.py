@@ -21,6 +21,15 @@ torch.compile cannot trace an opaque oneDNN tensor, so under compilation a packe
 custom op `kestrel::packed_linear(x, handle, out_features)`: `handle` is a 0-d int64 tensor naming
 the kernel in a registry of weak references (a tensor, not an int, so one compiled graph serves
 every layer of the same shape), and the op's fake implementation gives the output shape.
+
+With a quantized weight (`--cpu-quantized-decode`) a kernel keeps both weights and runs matmuls of
+up to the quantized kernel's `max_rows` rows on it (`kernels/cpu_quant.py`: int4 or int8, fewer
+bytes read, bf16 activations), larger ones (prefill, big batches) on the fp32 packed one. The
+quantized kernels return bf16, too coarse for the LM head's logits (near-ties decide greedy tokens:
+bf16 rounding alone changed 4% of SmolLM2's top-1 tokens), so a head kernel built with
+`refine_top_k` recomputes the k largest logits of each row in fp32 from the plain weight. The
+choice is made per call inside `eager`, so compiled graphs get it through the same custom op.
+Results then depend slightly on a step's row count (which kernel ran).
 """
 
 from __future__ import annotations
@@ -30,6 +39,8 @@ import itertools
 import weakref
 
 import torch
+
+from kestrel.kernels.cpu_quant import QuantizedWeight, quantized_linear
 
 # Batch-size hint for the packed layout; any batch size works with any hint.
 _HINT_BATCH = 16
@@ -51,11 +62,16 @@ def packing_supported(dtype: torch.dtype, device: torch.device) -> bool:
     return False
 
 
-def pack(weight: torch.Tensor, bias: torch.Tensor | None = None) -> PackedLinear | None:
-    """A packed kernel for weight [out, in] (+ bias), or None where packing is not supported."""
+def pack(weight: torch.Tensor, bias: torch.Tensor | None = None, quantized: QuantizedWeight | None = None,
+         refine_top_k: int = 0) -> PackedLinear | None:
+    """A packed kernel for weight [out, in] (+ bias), or None where packing is not supported.
+
+    `quantized`: the same weight quantized, for matmuls of few rows; `refine_top_k`: their k largest
+    outputs per row recomputed in fp32 (keeps a reference to `weight`). See the module docstring.
+    """
     if not packing_supported(weight.dtype, weight.device):
         return None
-    return PackedLinear(weight, bias)
+    return PackedLinear(weight, bias, quantized, refine_top_k)
 
 
 @functools.cache
@@ -74,11 +90,19 @@ def cpu_has_native_bf16() -> bool:
 class PackedLinear:
     """y = x @ W.T (+ b) with W packed for oneDNN; x is [..., in_features]."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 quantized: QuantizedWeight | None = None, refine_top_k: int = 0) -> None:
         # weight: [out, in]
         self.out_features, self.in_features = weight.shape
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), _HINT_BATCH)
         self.bias = None if bias is None else bias.detach().contiguous()
+        self.small = None if quantized is None else quantized_linear(quantized)
+        """The quantized kernel for matmuls of up to `small.max_rows` rows, or None."""
+        if self.small is not None and (self.small.out_features, self.small.in_features) != tuple(weight.shape):
+            raise ValueError(f"quantized weight of shape {(self.small.out_features, self.small.in_features)} "
+                             f"does not match the weight's {tuple(weight.shape)}")
+        self.refine_top_k = min(refine_top_k, self.out_features) if self.small is not None else 0
+        self.plain = weight.detach() if self.refine_top_k else None  # [out, in], for the refined outputs
         key = next(_NEXT_HANDLE)
         _KERNELS[key] = self
         self.handle = torch.tensor(key, dtype=torch.int64)
@@ -90,6 +114,15 @@ class PackedLinear:
         return self.eager(x)
 
     def eager(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if self.small is not None and 0 < rows <= self.small.max_rows:
+            flat = x.reshape(rows, self.in_features)
+            out = self.small(flat)  # [rows, out]
+            if self.bias is not None:
+                out += self.bias
+            if self.refine_top_k:
+                self._refine(flat, out)
+            return out.view(*x.shape[:-1], self.out_features)
         if x.numel() == self.in_features:  # one row: run it as two (see the module docstring)
             out = self._matmul(x.reshape(1, -1).expand(2, -1).contiguous())[:1]
             return out.view(*x.shape[:-1], self.out_features)
@@ -97,6 +130,14 @@ class PackedLinear:
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+    def _refine(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        """Recompute each row's `refine_top_k` largest outputs in fp32, in place. x [rows, in], out [rows, out]."""
+        top = out.topk(self.refine_top_k, dim=-1).indices  # [rows, k]
+        exact = torch.bmm(self.plain[top], x.to(self.plain.dtype).unsqueeze(-1)).squeeze(-1)  # [rows, k]
+        if self.bias is not None:
+            exact += self.bias[top]
+        out.scatter_(1, top, exact.to(out.dtype))
 
 
 @torch.library.custom_op("kestrel::packed_linear", mutates_args=())

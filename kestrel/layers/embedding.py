@@ -7,7 +7,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from kestrel.distributed.parallel_state import SINGLE_RANK, TPGroup
+from kestrel.kernels.cpu_quant import Int4Weight, QuantizedWeight, int4_supported, int8_supported, quantize_int8
 from kestrel.kernels.cpu_linear import PackedLinear, pack
+
+
+REFINE_TOP_K = 16
+"""Logits per row recomputed in fp32 after a quantized LM head (greedy and top logprobs stay exact)."""
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -42,15 +47,35 @@ class ParallelLMHead(VocabParallelEmbedding):
     """Projects hidden states to vocabulary logits; may share its weight with the embedding."""
 
     kernel: PackedLinear | None = None
+    quantized: QuantizedWeight | None = None
+    """The weight quantized (`--cpu-quantized-decode`), handed to the packed kernel by `pack_weights`."""
 
     def tie_to(self, embedding: VocabParallelEmbedding) -> None:
         self.weight = embedding.weight
+
+    def load_int4(self, loaded: Int4Weight, shard_id=None) -> None:
+        """Take the checkpoint's int4 codes of the head (or of the embedding it is tied to)."""
+        if self.tp.size != 1:
+            raise ValueError("quantized weights need a single tensor-parallel rank")
+        if tuple(loaded.codes.shape) != tuple(self.weight.shape):
+            raise ValueError(f"int4 LM head of shape {tuple(loaded.codes.shape)} does not fit "
+                             f"{tuple(self.weight.shape)}")
+        self.quantized = loaded
+
+    def prepare_quantized(self) -> str | None:
+        """int4 if the checkpoint gave its codes, else int8 rounded from the weight; which."""
+        if self.kernel is not None or not int8_supported():
+            return None
+        if not (isinstance(self.quantized, Int4Weight) and int4_supported(self.weight.shape[1])):
+            self.quantized = quantize_int8(self.weight)
+        return "int4" if isinstance(self.quantized, Int4Weight) else "int8"
 
     def pack_weights(self) -> bool:
         """Use a pre-packed CPU kernel; the weight stays (it may be the embedding's too)."""
         if self.kernel is not None:
             return False
-        self.kernel = pack(self.weight)
+        self.kernel = pack(self.weight, quantized=self.quantized, refine_top_k=REFINE_TOP_K)
+        self.quantized = None
         return self.kernel is not None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:

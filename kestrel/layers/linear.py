@@ -7,6 +7,11 @@ the work; their loaders take a `shard_id` naming which part a tensor is.
 
 After loading, `pack_weights()` may hand the matmul to a pre-packed CPU kernel
 (kestrel.kernels.cpu_linear); the plain weight is then dropped to save memory.
+
+With `--cpu-quantized-decode` a layer also gets a quantized copy of its weight before packing:
+the checkpoint's own 4-bit codes when it has them for every row (`load_int4`, through the same
+`weight_loader` that places a merged layer's shards: codes, scales and zeros all have one row per
+output), else int8 per row rounded from the float weight (`prepare_quantized`).
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kestrel.distributed.parallel_state import SINGLE_RANK, TPGroup
+from kestrel.kernels.cpu_quant import (GROUP_SIZE, Int4Weight, QuantizedWeight, int4_supported, int8_supported,
+                                       quantize_int8)
 from kestrel.kernels.cpu_linear import PackedLinear, pack
 
 
@@ -29,11 +36,39 @@ class _PackableLinear(nn.Module):
     """Holds `weight` [out, in]; `pack_weights` swaps F.linear for a pre-packed kernel where supported."""
 
     kernel: PackedLinear | None = None
+    quantized: QuantizedWeight | None = None
+    """The weight quantized (`prepare_quantized`), handed to the packed kernel by `pack_weights`."""
+    _int4: tuple[Int4Weight, torch.Tensor] | None = None  # codes loaded so far, [out, 1] rows given
+
+    def load_int4(self, loaded: Int4Weight, shard_id=None) -> None:
+        """Take one checkpoint tensor's int4 codes (a shard of a merged layer) for its rows."""
+        if self.tp.size != 1:
+            raise ValueError("quantized weights need a single tensor-parallel rank")
+        if self._int4 is None:
+            n, k = self.weight.shape
+            self._int4 = (Int4Weight(torch.zeros(n, k, dtype=torch.uint8), torch.zeros(n, k // GROUP_SIZE),
+                                     torch.zeros(n, k // GROUP_SIZE)), torch.zeros(n, 1, dtype=torch.bool))
+        ours, rows = self._int4
+        ones = torch.ones(loaded.codes.shape[0], 1, dtype=torch.bool)
+        for dst, src in zip((*ours, rows), (*loaded, ones)):
+            self.weight_loader(dst, src, *(() if shard_id is None else (shard_id,)))
+
+    def prepare_quantized(self) -> str | None:
+        """int4 if the checkpoint gave codes for every row, else int8 rounded from the weight; which."""
+        if self.kernel is not None or not int8_supported():
+            return None
+        if self._int4 is not None and bool(self._int4[1].all()) and int4_supported(self.weight.shape[1]):
+            self.quantized = self._int4[0]
+        else:
+            self.quantized = quantize_int8(self.weight)
+        self._int4 = None
+        return "int4" if isinstance(self.quantized, Int4Weight) else "int8"
 
     def _pack(self, with_bias: bool) -> bool:
         if self.kernel is not None:
             return False
-        self.kernel = pack(self.weight, self.bias if with_bias else None)
+        self.kernel = pack(self.weight, self.bias if with_bias else None, self.quantized)
+        self.quantized = None
         if self.kernel is None:
             return False
         self.weight.data = torch.empty(0, dtype=self.weight.dtype, device=self.weight.device)

@@ -27,7 +27,7 @@ from kestrel.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from kestrel.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from kestrel.layers.norm import RMSNorm
 from kestrel.layers.rotary import Rope, RotaryEmbedding
-from kestrel.models.weights import StackedParam, load_named_weights
+from kestrel.models.weights import StackedParam, load_named_int4, load_named_weights
 
 
 class RotaryAttention(nn.Module):
@@ -142,3 +142,19 @@ class CausalLM(nn.Module):
         """Load Hugging Face-named tensors; raise ValueError if any parameter is left unset."""
         skip = {"lm_head.weight"} if self.cfg.tie_word_embeddings else set()
         load_named_weights(self, weights, self.stacked_params, skip)
+
+    def load_int4_weights(self, weights: Iterable[tuple[str, object]]) -> int:
+        """Take a checkpoint's own int4 codes (HF names, `Int4Weight`s) for the layers they fill.
+
+        A tied LM head takes the embedding's. Returns how many tensors were taken.
+        """
+        def rename(items):
+            for name, weight in items:
+                if name == "model.embed_tokens.weight":
+                    if not self.cfg.tie_word_embeddings:
+                        continue  # the lookup table stays float
+                    name = "lm_head.weight"
+                elif name == "lm_head.weight" and self.cfg.tie_word_embeddings:
+                    continue
+                yield name, weight
+        return load_named_int4(self, rename(weights), self.stacked_params)

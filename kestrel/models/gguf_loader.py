@@ -12,6 +12,10 @@ that the model's weight loaders take exactly as they take safetensors weights.
 Tensors are dequantized lazily, one at a time, so peak memory is one float32
 tensor on top of the memory-mapped file. The tokenizer lives in
 ``kestrel/frontend/gguf_tokenizer.py``.
+
+``iter_int4_weights()`` yields the Q4_0 / Q4_1 weights again, as the file's own 4-bit codes and
+block scales in the CPU int4 kernel's format (``kestrel/kernels/cpu_quant.py``), rows unpermuted
+like the float32 ones: the same weights, for ``--cpu-quantized-decode``.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFReader
 
+from kestrel.kernels.cpu_quant import GROUP_SIZE, Int4Weight, from_gguf_q4_0, from_gguf_q4_1
 from kestrel.model_files import is_gguf_file
 
 SUPPORTED_ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -103,6 +108,16 @@ class GGUFCheckpoint:
                 if record.unpermute_heads:
                     array = _unpermute_rows(array, record.unpermute_heads)
                 yield record.hf_name, torch.from_numpy(array)
+        finally:
+            del data
+
+    def iter_int4_weights(self) -> Iterator[tuple[str, Int4Weight]]:
+        """Yield ``(hf_name, Int4Weight)`` for every 2-D Q4_0 / Q4_1 tensor: the file's codes, HF row order."""
+        data = np.memmap(self.path, dtype=np.uint8, mode="r")
+        try:
+            for record in self.tensors:
+                if record.qtype in _Q4_BLOCK_BYTES and len(record.shape) == 2:
+                    yield record.hf_name, _int4_weight(data, record)
         finally:
             del data
 
@@ -354,6 +369,29 @@ def _dequantize(data: np.memmap, record: _TensorRecord) -> np.ndarray:
             f"{record.gguf_name!r}: dequantizing {record.qtype.name} is not implemented in gguf"
         ) from e
     return np.ascontiguousarray(array, dtype=np.float32).reshape(record.shape)
+
+
+_Q4_BLOCK_BYTES = {GGMLQuantizationType.Q4_0: 18, GGMLQuantizationType.Q4_1: 20}
+"""Bytes per block of 32 weights: fp16 d, (Q4_1: fp16 m), 16 bytes of nibbles."""
+
+
+def _int4_weight(data: np.memmap, record: _TensorRecord) -> Int4Weight:
+    """One Q4_0 / Q4_1 tensor's blocks as int4 codes and scales (w = d (q - 8), or d q + m)."""
+    rows, cols = record.shape
+    raw = data[record.data_offset: record.data_offset + record.n_bytes]
+    blocks = raw.reshape(rows, cols // GROUP_SIZE, _Q4_BLOCK_BYTES[record.qtype])  # [N, K/32, bytes]
+    d = np.ascontiguousarray(blocks[..., 0:2]).view(np.float16)[..., 0]  # [N, K/32]
+    nibbles = blocks[..., -16:]  # [N, K/32, 16]: byte j holds weight j (low) and weight 16 + j (high)
+    q = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1).reshape(rows, cols)  # [N, K]
+    parts = [d, q]
+    if record.qtype == GGMLQuantizationType.Q4_1:
+        parts.insert(1, np.ascontiguousarray(blocks[..., 2:4]).view(np.float16)[..., 0])  # m [N, K/32]
+    if record.unpermute_heads:
+        parts = [_unpermute_rows(p, record.unpermute_heads) for p in parts]
+    tensors = [torch.from_numpy(np.ascontiguousarray(p)) for p in parts]
+    if record.qtype == GGMLQuantizationType.Q4_1:
+        return from_gguf_q4_1(*tensors)
+    return from_gguf_q4_0(*tensors)
 
 
 def _unpermute_rows(w: np.ndarray, num_heads: int) -> np.ndarray:

@@ -71,6 +71,19 @@ def pack_weights(model: torch.nn.Module) -> int:
     return sum(bool(m.pack_weights()) for m in model.modules() if hasattr(m, "pack_weights"))
 
 
+def prepare_quantized(model: torch.nn.Module, path: str, load_format: str = "auto") -> dict[str, int]:
+    """Give every linear layer and the LM head a quantized copy of its weight, to pack with it (CPU).
+
+    int4 where a GGUF file stores the weight as Q4_0 / Q4_1 (its own codes: the same weights, up to
+    bf16 scales), int8 per output row rounded from the float weight otherwise. Returns how many
+    layers got each ({"int4": n, "int8": m}).
+    """
+    if load_format != "dummy" and os.path.isfile(path):
+        model.load_int4_weights(_gguf(path).iter_int4_weights())
+    kinds = [m.prepare_quantized() for m in model.modules() if hasattr(m, "prepare_quantized")]
+    return {kind: kinds.count(kind) for kind in ("int4", "int8")}
+
+
 def iter_weights(path: str, load_format: str = "auto") -> Iterator[tuple[str, torch.Tensor]]:
     if os.path.isfile(path):
         if load_format not in ("auto", "gguf"):

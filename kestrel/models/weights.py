@@ -5,6 +5,9 @@ A checkpoint name maps to our parameter of the same name, except for fragments l
 qkv_proj, each as one shard). A parameter with a `weight_loader` takes its tensor-parallel share
 itself; others are copied whole. Every parameter (and every shard of a merged one) must be set,
 or loading fails naming what is missing.
+
+`load_named_int4` maps the same names for a checkpoint's int4 codes (`--cpu-quantized-decode`): each
+goes to the module owning the target parameter (its `load_int4`), shard and all.
 """
 
 from __future__ import annotations
@@ -35,11 +38,7 @@ def load_named_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tens
     for name, tensor in weights:
         if name in skip or any(f in name for f in _IGNORED_FRAGMENTS):
             continue
-        target, shard = name, None
-        for ckpt_part, our_part, shard_id in stacked:
-            if ckpt_part in name:
-                target, shard = name.replace(ckpt_part, our_part), shard_id
-                break
+        target, shard = _target(name, stacked)
         if target not in params:
             raise ValueError(f"checkpoint tensor {name!r} has no matching parameter in {type(model).__name__}")
         param = params[target]
@@ -52,6 +51,36 @@ def load_named_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tens
             loader(param, tensor.to(param.dtype), shard)
         loaded.add((target, shard))
     _check_all_loaded(params, loaded, stacked, skip)
+
+
+def load_named_int4(model: nn.Module, weights: Iterable[tuple[str, object]],
+                    stacked: Collection[StackedParam]) -> int:
+    """Hand each (checkpoint name, Int4Weight) to `load_int4` of the module owning its parameter.
+
+    Names without a module that takes int4 weights (norms, the embedding lookup) are skipped;
+    returns how many were taken.
+    """
+    taken = 0
+    for name, weight in weights:
+        target, shard = _target(name, stacked)
+        module_name, _, kind = target.rpartition(".")
+        try:
+            module = model.get_submodule(module_name)
+        except AttributeError:
+            raise ValueError(f"checkpoint tensor {name!r} has no matching module in {type(model).__name__}") from None
+        if kind != "weight" or not hasattr(module, "load_int4"):
+            continue
+        module.load_int4(weight, shard)
+        taken += 1
+    return taken
+
+
+def _target(name: str, stacked: Collection[StackedParam]) -> tuple[str, str | int | None]:
+    """Our parameter's name for a checkpoint name, and the shard of it the tensor fills (None: all)."""
+    for ckpt_part, our_part, shard_id in stacked:
+        if ckpt_part in name:
+            return name.replace(ckpt_part, our_part), shard_id
+    return name, None
 
 
 def _check_all_loaded(params: dict[str, nn.Parameter], loaded: set[tuple[str, object]],

@@ -26,7 +26,7 @@ from kestrel.kernels.cpu_linear import cpu_has_native_bf16
 from kestrel.kernels.cpu_malloc import keep_freed_memory
 from kestrel.kvcache.pool import KVPool
 from kestrel.models.common import DecoderModel
-from kestrel.models.loader import build_model, pack_weights
+from kestrel.models.loader import build_model, pack_weights, prepare_quantized
 from kestrel.step_batch import SampleRow, StepBatch, StepResult
 from kestrel.worker.inputs import InputStager
 from kestrel.worker.piecewise_graphs import PiecewiseGraphRunner
@@ -71,6 +71,8 @@ class Worker:
         self.model = build_model(model_path, mc, self.dtype, self.device, max_position=max_model_len,
                                  load_format=config.load_format, show_progress=config.show_progress,
                                  use_triton=backend_name == "triton")
+        if config.cpu_quantized_decode:
+            self._prepare_quantized(model_path)
         if config.prepack_weights and (packed := pack_weights(self.model)):
             logger.info("%d linear layers run on oneDNN-packed weights (%s)", packed, self.dtype)
         self.backend = create_backend(backend_name, num_heads=mc.num_heads, num_kv_heads=mc.num_kv_heads,
@@ -103,6 +105,16 @@ class Worker:
             self.compiled.warmup()
         self.info = WorkerInfo(max_model_len, num_slots, str(self.dtype).removeprefix("torch."),
                                str(self.device), self.backend.name)
+
+    def _prepare_quantized(self, model_path: str) -> None:
+        if self.device.type != "cpu":
+            raise ValueError(f"--cpu-quantized-decode runs on CPU only, but the device is {self.device}; "
+                             "pass --device cpu or drop --cpu-quantized-decode")
+        if self.dtype != torch.float32:
+            raise ValueError(f"--cpu-quantized-decode needs float32 weights, got {self.dtype}")
+        kinds = prepare_quantized(self.model, model_path, self.config.load_format)
+        logger.info("Quantized weights for small matmuls: %d layers int4 (the checkpoint's Q4 codes), "
+                    "%d int8 (rounded per row)", kinds["int4"], kinds["int8"])
 
     def execute(self, batch: StepBatch) -> StepResult:
         return self.submit(batch).result()

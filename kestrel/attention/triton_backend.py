@@ -78,9 +78,8 @@ class TritonAttentionBackend:
                                        layout.query_start_loc, 1, True,
                                        num_kv_splits(layout.num_reqs, self.num_kv_heads, self._num_sms))
         lens = layout.query_lens
-        num_decodes = next((i for i, n in enumerate(lens) if n != 1), len(lens))
-        d = num_decodes
-        extend = tuple(t[d:].clone() for t in (layout.req_rows, layout.query_start_loc, layout.seq_lens_t))
+        d = next((i for i, n in enumerate(lens) if n != 1), len(lens))  # leading decodes
+        extend = tuple(t[d:].clone() if d else t for t in (layout.req_rows, layout.query_start_loc, layout.seq_lens_t))
         return TritonAttentionMeta(layout.slot_mapping, layout.slot_table, layout.req_rows, layout.seq_lens_t,
                                    layout.query_start_loc, max(lens[d:]), False,
                                    num_kv_splits(max(1, d), self.num_kv_heads, self._num_sms), d, extend)

@@ -97,6 +97,13 @@ def quantize_int8(weight: torch.Tensor) -> Int8Weight:
     return Int8Weight(codes, scales)
 
 
+def choose_quantized(weight: torch.Tensor, int4: Int4Weight | None) -> QuantizedWeight:
+    """The checkpoint's int4 codes where given and the kernel runs them, else int8 rounded from `weight`."""
+    if int4 is not None and int4_supported(weight.shape[1]):
+        return int4
+    return quantize_int8(weight)
+
+
 class Int4Linear:
     """y = x @ W.T with W in torch's packed int4 layout; x [rows, in] of any float dtype."""
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kestrel.distributed.parallel_state import SINGLE_RANK, TPGroup
-from kestrel.kernels.cpu_quant import Int4Weight, QuantizedWeight, int4_supported, int8_supported, quantize_int8
+from kestrel.kernels.cpu_quant import Int4Weight, QuantizedWeight, choose_quantized, int8_supported
 from kestrel.kernels.cpu_linear import PackedLinear, pack
 
 
@@ -66,8 +66,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         """int4 if the checkpoint gave its codes, else int8 rounded from the weight; which."""
         if self.kernel is not None or not int8_supported():
             return None
-        if not (isinstance(self.quantized, Int4Weight) and int4_supported(self.weight.shape[1])):
-            self.quantized = quantize_int8(self.weight)
+        self.quantized = choose_quantized(self.weight, self.quantized)
         return "int4" if isinstance(self.quantized, Int4Weight) else "int8"
 
     def pack_weights(self) -> bool:

@@ -21,8 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kestrel.distributed.parallel_state import SINGLE_RANK, TPGroup
-from kestrel.kernels.cpu_quant import (GROUP_SIZE, Int4Weight, QuantizedWeight, int4_supported, int8_supported,
-                                       quantize_int8)
+from kestrel.kernels.cpu_quant import GROUP_SIZE, Int4Weight, QuantizedWeight, choose_quantized, int8_supported
 from kestrel.kernels.cpu_linear import PackedLinear, pack
 
 
@@ -57,10 +56,8 @@ class _PackableLinear(nn.Module):
         """int4 if the checkpoint gave codes for every row, else int8 rounded from the weight; which."""
         if self.kernel is not None or not int8_supported():
             return None
-        if self._int4 is not None and bool(self._int4[1].all()) and int4_supported(self.weight.shape[1]):
-            self.quantized = self._int4[0]
-        else:
-            self.quantized = quantize_int8(self.weight)
+        complete = self._int4 is not None and bool(self._int4[1].all())  # codes for every row
+        self.quantized = choose_quantized(self.weight, self._int4[0] if complete else None)
         self._int4 = None
         return "int4" if isinstance(self.quantized, Int4Weight) else "int8"
 

@@ -159,7 +159,7 @@ class EngineConfig:
     """CPU: matmuls of a few rows (decode at small batch: up to 8 rows on int4, 4 on int8) read quantized
     weights: int4 where a GGUF stores the weight as Q4_0/Q4_1 (its own codes, scales rounded to bf16), int8 per
     output row rounded from the float weight otherwise; activations in bf16. Faster, slightly different results
-    (which also depend on a step's row count); needs float32 weights and prepacking. Larger matmuls keep the
+    (which also depend on a step's row count); needs float32 or bfloat16 weights and prepacking. Larger matmuls keep the
     float32 weights."""
     attention_backend: str = "auto"
     """Attention implementation (`kestrel.attention.create_backend`): torch (the reference, any device),
@@ -213,9 +213,9 @@ class EngineConfig:
             if self.device.startswith("cuda"):
                 raise ValueError(f"cpu_quantized_decode runs on CPU only; got device {self.device!r} "
                                  "(pass device cpu, or drop cpu_quantized_decode).")
-            if self.dtype not in ("auto", "float32"):
-                raise ValueError("cpu_quantized_decode needs float32 weights (dtype auto or float32), "
-                                 f"got {self.dtype!r}.")
+            if self.dtype not in ("auto", "float32", "bfloat16"):
+                raise ValueError("cpu_quantized_decode needs float32 or bfloat16 weights (dtype auto, float32 or "
+                                 f"bfloat16), got {self.dtype!r}.")
             if not self.prepack_weights:
                 raise ValueError("cpu_quantized_decode needs prepack_weights (its larger matmuls run on the packed "
-                                 "float32 weights); drop --no-prepack-weights.")
+                                 "weights); drop --no-prepack-weights.")

@@ -168,7 +168,7 @@ def test_smollm2_quantized_keeps_most_greedy_tokens(smollm_llm):
 
 @pytest.mark.parametrize("overrides,message", [
     ({"device": "cuda"}, "CPU only"),
-    ({"dtype": "bfloat16"}, "float32 weights"),
+    ({"dtype": "float16"}, "float32 or bfloat16 weights"),
     ({"prepack_weights": False}, "prepack"),
 ])
 def test_flag_refused_where_it_cannot_work(overrides, message):

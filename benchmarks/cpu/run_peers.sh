@@ -4,19 +4,20 @@
 #   bash benchmarks/cpu/run_peers.sh OUT_DIR [engines...]
 #   engines: kestrel kestrel-compiled kestrel-quant kestrel-quant-compiled (--cpu-quantized-decode) vllm llamacpp
 # 128 in / 128 out, /v1/completions, greedy, ignore EOS, concurrency 1 (8 prompts), 8 (16), 16 (32);
-# CONCURRENCY="1" for a subset.
+# CONCURRENCY="1" for a subset; DTYPE=bfloat16 (default float32) for every Kestrel run and vLLM.
 set -uo pipefail
 out=${1:?OUT_DIR}; shift; mkdir -p "$out"
 peers=${PEERS_DIR:-$(cd "$(dirname "$0")/../../../shared/peers" && pwd)}
 engines=${*:-kestrel kestrel-compiled vllm llamacpp}
+dtype=${DTYPE:-float32}
 wait_up() { for _ in $(seq 600); do curl -sf "$1$2" >/dev/null && return 0; sleep 1; done; return 1; }
 for e in $engines; do
   case $e in
-    kestrel) port=8011; kestrel serve --port $port --disable-uvicorn-access-log --dtype float32 >"$out/$e.log" 2>&1 & ;;
-    kestrel-compiled) port=8012; kestrel serve --port $port --disable-uvicorn-access-log --dtype float32 --compile-decode >"$out/$e.log" 2>&1 & ;;
-    kestrel-quant) port=8013; kestrel serve --port $port --disable-uvicorn-access-log --dtype float32 --cpu-quantized-decode >"$out/$e.log" 2>&1 & ;;
-    kestrel-quant-compiled) port=8014; kestrel serve --port $port --disable-uvicorn-access-log --dtype float32 --cpu-quantized-decode --compile-decode >"$out/$e.log" 2>&1 & ;;
-    vllm) port=8000; bash "$peers/serve-vllm.sh" $port float32 >"$out/$e.log" 2>&1 & ;;
+    kestrel) port=8011; kestrel serve --port $port --disable-uvicorn-access-log --dtype $dtype >"$out/$e.log" 2>&1 & ;;
+    kestrel-compiled) port=8012; kestrel serve --port $port --disable-uvicorn-access-log --dtype $dtype --compile-decode >"$out/$e.log" 2>&1 & ;;
+    kestrel-quant) port=8013; kestrel serve --port $port --disable-uvicorn-access-log --dtype $dtype --cpu-quantized-decode >"$out/$e.log" 2>&1 & ;;
+    kestrel-quant-compiled) port=8014; kestrel serve --port $port --disable-uvicorn-access-log --dtype $dtype --cpu-quantized-decode --compile-decode >"$out/$e.log" 2>&1 & ;;
+    vllm) port=8000; bash "$peers/serve-vllm.sh" $port $dtype >"$out/$e.log" 2>&1 & ;;
     llamacpp) port=8081; bash "$peers/serve-llamacpp.sh" $port >"$out/$e.log" 2>&1 & ;;
   esac
   pid=$!; url=http://127.0.0.1:$port; ready=/health; [ $e = llamacpp ] && ready=/v1/models

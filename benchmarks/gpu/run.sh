@@ -3,7 +3,7 @@
 # check correctness, time the kernels and every workload, and print one table last.
 #
 #   bash benchmarks/gpu/run.sh [STAGE ...]   STAGE: check|quick|bench|structured|profile|serve|bench+serve|all (default: all)
-#   or sweep (attention launch settings) / prefix (issue 9's two harnesses side by side), never part of all.
+#   or cold (first: start-up on a cold Triton cache, then the workloads in ONLY) / sweep (attention launch settings) / prefix (issue 9's two harnesses side by side), never part of all.
 #   check: tests, correctness, kernels; quick: check + batch-1 and batch-64 latency; bench: every workload,
 #   issue 9's prefix-cache workloads and the HF peer. Several stages run in one call (one machine start):
 #   `run.sh check bench`. SKIP="pytest hf_peer" leaves steps out; DEADLINE_S=580 (default: none) shortens
@@ -49,6 +49,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,n
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 
 eager=()
+if [[ $stages == *" cold "* ]]; then  # start-up on a cold Triton cache: first thing on a fresh machine
+  TAIL=10 step cold 300 python3 benchmarks/gpu/workloads.py --model "$MODEL" --out "$OUT/cold.json" \
+    --only ${ONLY:-b1_128x512}
+fi
 if has check quick; then
   step correctness 120 python3 benchmarks/gpu/correctness.py --out "$OUT/correctness.json"; rc=$?
   [[ $rc == 124 || $rc == 134 ]] && eager=(--enforce-eager)  # hung: time the rest without CUDA graphs
@@ -59,7 +63,7 @@ if [[ $stages == *" quick "* ]]; then
 fi
 if has check quick; then
   TAIL=40 step kernels 90 python3 benchmarks/gpu/kernels_check.py --out "$OUT/kernels.json"
-  step pytest 150 python3 -m pytest -q -x -p no:cacheprovider --timeout 60 tests/test_triton_backend.py \
+  step pytest 150 python3 -m pytest -q -x -p no:cacheprovider --timeout 60 tests/test_triton_backend.py tests/test_structured_units.py \
     tests/test_sampler.py tests/test_worker.py tests/test_triton_kernels.py
 fi
 

@@ -16,6 +16,8 @@ from typing import NamedTuple
 
 import torch
 
+from kestrel.kernels import cpu_attention
+
 
 class SlotDecodeMeta(NamedTuple):
     slot_mapping: torch.Tensor  # [R] int32: cache slot of each new token (-1: the spare slot)
@@ -24,14 +26,23 @@ class SlotDecodeMeta(NamedTuple):
 
 
 class SlotDecodeAttention:
-    """The attention backend of compiled decode steps: store the new k/v, then `decode_attention`."""
+    """The attention backend of compiled decode steps: store the new k/v, then attend.
+
+    Attention is the C++ kernel `kernels/cpu_attention.py` where it builds (the graph calls it as an
+    op: inductor's loops for `decode_attention` were 2-3x slower), else `decode_attention` compiled.
+    """
 
     name = "slot-decode"
+
+    def __init__(self) -> None:
+        self.native = cpu_attention.load()
 
     def forward(self, q, k, v, k_cache, v_cache, meta: SlotDecodeMeta) -> torch.Tensor:
         # q: [R, H, D], k/v: [R, KH, D], caches: [num_slots, KH, D] -> [R, H, D]
         k_cache[meta.slot_mapping] = k
         v_cache[meta.slot_mapping] = v
+        if self.native:
+            return cpu_attention.decode_attention(q, k_cache, v_cache, meta.kv_index, meta.mask, q.shape[-1] ** -0.5)
         return decode_attention(q, k_cache, v_cache, meta.kv_index, meta.mask)
 
 

@@ -9,7 +9,10 @@ A step's requests split in two groups:
 So a serving step that mixes one 128-token prefill with 15 decodes costs one
 [1, H, 128, S] and one [15, H, 1, L] attention, not a padded [16, H, 128, L]
 one. On CPU, half-precision caches are read into float32 for the SDPA call:
-torch's CPU SDPA in bf16 is ~5x slower.
+torch's CPU SDPA in bf16 is ~5x slower. On CPU the decodes use the C++ kernel
+`kernels/cpu_attention.py` where it builds (it reads the keys through the slot
+indices, with no gathered copy: 2-3x faster than gather + SDPA at 1-16 requests),
+the gather + SDPA path otherwise.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from kestrel.attention.backend import BatchLayout
+from kestrel.kernels import cpu_attention
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +58,8 @@ class TorchAttentionBackend:
                  device: torch.device | str) -> None:
         self.max_model_len = max_model_len
         self.device = torch.device(device)
+        self.native_decode = self.device.type == "cpu" and cpu_attention.load()
+        """Decodes run on the C++ CPU kernel (else gather + SDPA)."""
 
     def prepare(self, layout: BatchLayout) -> TorchAttentionMeta:
         device = layout.slot_mapping.device
@@ -118,13 +124,14 @@ class TorchAttentionBackend:
         v_cache[meta.slot_mapping] = v
         if meta.decodes is None and len(meta.prefills) == 1:
             return self._prefill(q, k_cache, v_cache, meta.prefills[0])
+        decode = self._native_decode if self.native_decode else self._decode
         if not meta.prefills and meta.decodes.all_rows:  # decode only: every token is a decode, in order
-            return self._decode(q, k_cache, v_cache, meta.decodes)
+            return decode(q, k_cache, v_cache, meta.decodes)
         out = torch.empty_like(q)
         for chunk in meta.prefills:
             out[chunk.start: chunk.start + chunk.num_tokens] = self._prefill(q, k_cache, v_cache, chunk)
         if meta.decodes is not None:
-            out[meta.decodes.token_index] = self._decode(q, k_cache, v_cache, meta.decodes)
+            out[meta.decodes.token_index] = decode(q, k_cache, v_cache, meta.decodes)
         return out
 
     @staticmethod
@@ -144,6 +151,13 @@ class TorchAttentionBackend:
         values = v_cache.index_select(0, flat).view(num_rows, width, *v_cache.shape[1:]).transpose(1, 2)
         out = _sdpa(q_d.unsqueeze(2), keys, values, group.mask, is_causal=False)         # [R, H, 1, D]
         return out[:, :, 0]                                                               # [Rd, H, D]
+
+
+    @staticmethod
+    def _native_decode(q, k_cache, v_cache, group: DecodeGroup) -> torch.Tensor:
+        q_d = q if group.all_rows else q.index_select(0, group.token_index)  # [Rd, H, D]
+        return cpu_attention.decode_attention(q_d, k_cache, v_cache, group.kv_index, group.mask,
+                                              q.shape[-1] ** -0.5)  # [Rd, H, D]
 
 
 def _sdpa(q, keys, values, mask, is_causal: bool) -> torch.Tensor:

@@ -27,16 +27,23 @@ up to the quantized kernel's `max_rows` rows on it (`kernels/cpu_quant.py`: int4
 bytes read, bf16 activations), larger ones (prefill, big batches) on the fp32 packed one. The
 quantized kernels return bf16, too coarse for the LM head's logits (near-ties decide greedy tokens:
 bf16 rounding alone changed 4% of SmolLM2's top-1 tokens), so a head kernel built with
-`refine_top_k` recomputes the k largest logits of each row in fp32 from the plain weight. The
-choice is made per call inside `eager`, so compiled graphs get it through the same custom op.
-Results then depend slightly on a step's row count (which kernel ran).
+`refine_top_k` recomputes the k largest logits of each row in fp32 from the plain weight (in the
+weight's dtype: bf16 for a bf16 model).
+
+Eager, the choice is made per call (`eager`). Compiled decode steps of few rows call the quantized
+kernels inside the graph itself (their weights are plain tensors, unlike oneDNN's), with no custom-op
+wrapper around them (~30 us a call from Python): the decode runner says which graph a step takes
+(`quantized_graphs`), and torch.compile keeps one graph for each answer. Results then depend slightly
+on a step's row count (which kernel ran).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import weakref
+from collections.abc import Iterator
 
 import torch
 
@@ -48,6 +55,23 @@ _HINT_BATCH = 16
 _KERNELS: weakref.WeakValueDictionary[int, PackedLinear] = weakref.WeakValueDictionary()
 """handle -> kernel, for the custom op a compiled graph calls."""
 _NEXT_HANDLE = itertools.count()
+_QUANTIZED_GRAPH = False
+"""While tracing: the graph is for a step of few rows, so kernels with a quantized weight run it in-graph."""
+
+
+@contextlib.contextmanager
+def quantized_graphs(enabled: bool) -> Iterator[None]:
+    """Compiled calls inside take (or trace) the graph whose kernels run their quantized weight.
+
+    The compiled decode runner enters this for steps of at most `QUANTIZED_MAX_ROWS` rows;
+    torch.compile guards on the flag, so the two kinds of step keep a graph each.
+    """
+    global _QUANTIZED_GRAPH
+    before, _QUANTIZED_GRAPH = _QUANTIZED_GRAPH, enabled
+    try:
+        yield
+    finally:
+        _QUANTIZED_GRAPH = before
 
 
 def packing_supported(dtype: torch.dtype, device: torch.device) -> bool:
@@ -110,23 +134,28 @@ class PackedLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in] -> [..., out]
         if torch.compiler.is_compiling():
+            if self.small is not None and _QUANTIZED_GRAPH:
+                return self._quantized(x)
             return torch.ops.kestrel.packed_linear(x, self.handle, self.out_features)
         return self.eager(x)
 
     def eager(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         if self.small is not None and 0 < rows <= self.small.max_rows:
-            flat = x.reshape(rows, self.in_features)
-            out = self.small(flat)  # [rows, out]
-            if self.bias is not None:
-                out += self.bias
-            if self.refine_top_k:
-                self._refine(flat, out)
-            return out.view(*x.shape[:-1], self.out_features)
+            return self._quantized(x)
         if x.numel() == self.in_features:  # one row: run it as two (see the module docstring)
             out = self._matmul(x.reshape(1, -1).expand(2, -1).contiguous())[:1]
             return out.view(*x.shape[:-1], self.out_features)
         return self._matmul(x.contiguous())
+
+    def _quantized(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        out = self.small(flat)  # [rows, out]
+        if self.bias is not None:
+            out = out + self.bias
+        if self.refine_top_k:
+            self._refine(flat, out)
+        return out.view(*x.shape[:-1], self.out_features)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")

@@ -2,8 +2,8 @@
 
 The engine passes an implementation (`kestrel.structured.StructuredOutputManager`) to the
 `Scheduler` and to `build_step_batch`; tests pass fakes. Contract: `add` runs once per request
-before it is queued and may raise `ValueError` (the request is refused); `bitmask` is asked once
-per step for each request that samples; `advance` once per sampled token, after it is appended;
+before it is queued and may raise `ValueError` (the request is refused); `bitmasks` is asked once
+per step, for the requests that sample; `advance` once per sampled token, after it is appended;
 `release` when the request finishes, is aborted or is preempted (state is rebuilt on demand).
 """
 
@@ -19,8 +19,8 @@ class GrammarHook(Protocol):
         """Check (compile) the request's constraint; ValueError naming the field when it cannot run."""
         ...
 
-    def bitmask(self, request: Request) -> bytes | None:
-        """Packed int32 bitmask of the tokens allowed next; None when any token is."""
+    def bitmasks(self, requests: list[Request]) -> list[bytes | None]:
+        """Per request: packed int32 bitmask of the tokens allowed next; None when any token is."""
         ...
 
     def can_end(self, request: Request) -> bool:

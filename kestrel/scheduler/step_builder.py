@@ -27,7 +27,7 @@ def build_step_batch(out: SchedulerOutput, kv_manager: KVCacheManager, stop_rule
     seq_lens: list[int] = []
     req_rows: list[int] = []
     sample_indices: list[int] = []
-    sample_rows: list[SampleRow] = []
+    sampling: list[Request] = []
     uses_previous = False
     for req, n in out.scheduled:
         start = req.num_computed_tokens
@@ -43,20 +43,24 @@ def build_step_batch(out: SchedulerOutput, kv_manager: KVCacheManager, stop_rule
         req_rows.append(kv_manager.row_of(req.request_id))
         if end == req.target_num_tokens:  # the rule of SchedulerOutput.add: same rows, same order as out.sampled
             sample_indices.append(len(token_ids) - 1)
-            sample_rows.append(_sample_row(req, stop_rules, grammar))
+            sampling.append(req)
+    sample_rows = _sample_rows(sampling, stop_rules, grammar)
     return StepBatch(token_ids, positions, slot_mapping, query_start_loc, seq_lens, req_rows,
                      kv_manager.take_table_writes(), sample_indices, sample_rows, finished_request_ids,
                      uses_previous)
 
 
-def _sample_row(req: Request, stop_rules: StopRules, grammar: GrammarHook | None) -> SampleRow:
-    p = req.params
-    blocked = stop_rules.blocked_token_ids(p, req.num_output_tokens + req.num_inflight_tokens)
-    prompt = req.prompt_token_ids if p.repetition_penalty != 1 else None
-    output = req.output_token_ids if p.has_penalties else None
-    bitmask = None
-    if grammar is not None and p.structured_outputs is not None:
-        bitmask = grammar.bitmask(req)
-        if blocked and grammar.can_end(req):
+def _sample_rows(requests: list[Request], stop_rules: StopRules, grammar: GrammarHook | None) -> list[SampleRow]:
+    constrained = [r for r in requests if r.params.structured_outputs is not None] if grammar is not None else []
+    bitmasks = dict(zip((r.request_id for r in constrained), grammar.bitmasks(constrained))) if constrained else {}
+    rows = []
+    for req in requests:
+        p = req.params
+        blocked = stop_rules.blocked_token_ids(p, req.num_output_tokens + req.num_inflight_tokens)
+        prompt = req.prompt_token_ids if p.repetition_penalty != 1 else None
+        output = req.output_token_ids if p.has_penalties else None
+        bitmask = bitmasks.get(req.request_id)
+        if blocked and req.request_id in bitmasks and grammar.can_end(req):
             blocked = []  # a complete grammar allows only EOS: it wins over min_tokens
-    return SampleRow(req.request_id, p, blocked, prompt, output, bitmask)
+        rows.append(SampleRow(req.request_id, p, blocked, prompt, output, bitmask))
+    return rows

@@ -2,8 +2,8 @@
 
 Owns one `xgrammar.GrammarMatcher` per constrained request while it runs. The scheduler calls it
 (`kestrel.scheduler.grammar_hook.GrammarHook`): `add` compiles the constraint when the request
-arrives (a `GrammarError` refuses it), `bitmask` packs the tokens allowed next into the request's
-`SampleRow`, `advance` accepts each sampled token and returns the jump-forward tokens to append,
+arrives (a `GrammarError` refuses it), `bitmasks` packs the tokens allowed next for all of a step's
+constrained requests at once (xgrammar's batch fill, on several threads) into their `SampleRow`s, `advance` accepts each sampled token and returns the jump-forward tokens to append,
 `release` drops the matcher (finish, abort, preemption). A matcher that was dropped by preemption
 is rebuilt by replaying the request's output tokens into a fresh one.
 
@@ -19,6 +19,7 @@ differ. Requests that ask for logprobs are never jump-forwarded (forced tokens h
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import replace
@@ -33,6 +34,9 @@ if TYPE_CHECKING:  # xgrammar is imported on first use: an engine without it ser
     from kestrel.structured.compiler import GrammarCompiler
 
 logger = logging.getLogger(__name__)
+
+FILL_THREADS = 8
+"""At most this many threads fill a step's bitmasks (and at most half the machine's cores)."""
 
 
 class StructuredOutputManager:
@@ -50,7 +54,8 @@ class StructuredOutputManager:
         self._encode: Callable[[str], list[int]] | None = None
         self._load_error: Exception | None = None
         self._matchers: dict[str, xgr.GrammarMatcher] = {}
-        self._bitmask = None  # [1, ceil(vocab / 32)] int32, allocated with the compiler
+        self._bitmask = None  # [rows, ceil(vocab / 32)] int32, grown to the largest step's constrained rows
+        self._batch: xgr.BatchGrammarMatcher | None = None
         self.num_jump_forward_tokens = 0
         """Tokens appended by jump-forward since start (they took no forward pass of their own)."""
 
@@ -85,6 +90,7 @@ class StructuredOutputManager:
                 else:
                     self._encode = lambda text: tokenizer.encode(text, add_special_tokens=False)
                 self._bitmask = xgr.allocate_token_bitmask(1, self.vocab_size)
+                self._batch = xgr.BatchGrammarMatcher(max(1, min(FILL_THREADS, (os.cpu_count() or 2) // 2)))
                 self._compiler = GrammarCompiler(info, self.cache_size)
             except Exception as e:  # reported to each constrained request, never fatal to the engine
                 logger.exception("cannot set up structured outputs")
@@ -96,14 +102,26 @@ class StructuredOutputManager:
         if request.params.structured_outputs is not None:
             self.compiler.compile(request.params.structured_outputs)
 
-    def bitmask(self, request: Request) -> bytes | None:
-        """The tokens the request may sample next, packed ([ceil(vocab / 32)] int32); None: any."""
-        matcher = self._matcher(request)
-        if matcher is None or matcher.is_terminated():
-            return None
-        if not matcher.fill_next_token_bitmask(self._bitmask, 0):
-            return None
-        return self._bitmask.numpy().tobytes()
+    def bitmasks(self, requests: list[Request]) -> list[bytes | None]:
+        """The tokens each request may sample next, packed ([ceil(vocab / 32)] int32 each); None: any.
+
+        One batch fill for the whole step (xgrammar spreads the matchers over its threads): filling
+        one matcher at a time took 0.4 ms each for a JSON schema over a 128k vocabulary.
+        """
+        out: list[bytes | None] = [None] * len(requests)
+        live = [(i, m) for i, m in ((i, self._matcher(r)) for i, r in enumerate(requests))
+                if m is not None and not m.is_terminated()]
+        if not live:
+            return out
+        if self._bitmask.shape[0] < len(live):
+            import xgrammar as xgr
+
+            self._bitmask = xgr.allocate_token_bitmask(len(live), self.vocab_size)
+        self._batch.batch_fill_next_token_bitmask([m for _, m in live], self._bitmask)
+        packed = self._bitmask[:len(live)].numpy()  # [live, words] int32
+        for row, (i, _) in enumerate(live):
+            out[i] = packed[row].tobytes()
+        return out
 
     def can_end(self, request: Request) -> bool:
         """The grammar is complete: only an end-of-sequence token may come next."""

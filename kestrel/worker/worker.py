@@ -110,8 +110,8 @@ class Worker:
         if self.device.type != "cpu":
             raise ValueError(f"--cpu-quantized-decode runs on CPU only, but the device is {self.device}; "
                              "pass --device cpu or drop --cpu-quantized-decode")
-        if self.dtype != torch.float32:
-            raise ValueError(f"--cpu-quantized-decode needs float32 weights, got {self.dtype}")
+        if self.dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"--cpu-quantized-decode needs float32 or bfloat16 weights, got {self.dtype}")
         kinds = prepare_quantized(self.model, model_path, self.config.load_format)
         logger.info("Quantized weights for small matmuls: %d layers int4 (the checkpoint's Q4 codes), "
                     "%d int8 (rounded per row)", kinds["int4"], kinds["int8"])

@@ -169,12 +169,19 @@ class PackedLinear:
         out.scatter_(1, top, exact.to(out.dtype))
 
 
-@torch.library.custom_op("kestrel::packed_linear", mutates_args=())
 def packed_linear(x: torch.Tensor, handle: torch.Tensor, out_features: int) -> torch.Tensor:
     """The packed kernel `handle` applied to x [..., in] -> [..., out_features] (what compiled graphs call)."""
     return _KERNELS[int(handle)].eager(x)
 
 
-@packed_linear.register_fake
+# Registered with the low-level library API rather than `torch.library.custom_op`: the dispatcher then
+# calls the Python function directly, without custom_op's autograd and schema-inference wrappers
+# (measured on a 2-core Zen 4: ~25 us a call instead of ~70, on 121 calls a decode step).
+_LIB = torch.library.Library("kestrel", "DEF")
+_LIB.define("packed_linear(Tensor x, Tensor handle, int out_features) -> Tensor")
+_LIB.impl("packed_linear", packed_linear, "CPU")
+
+
+@torch.library.register_fake("kestrel::packed_linear")
 def _(x: torch.Tensor, handle: torch.Tensor, out_features: int) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], out_features)

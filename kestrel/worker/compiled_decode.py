@@ -4,7 +4,7 @@ An eager CPU decode step dispatches ~2000 small ops from Python (30 layers of no
 writes, gathers, SDPA, activations: see benchmarks/cpu/README.md); inductor fuses everything
 between the matmuls into a few C++ loops per layer, and the attention reads KV through the slot
 table inside its reductions (`attention/slot_decode.py`). Matmuls stay on the oneDNN-packed
-weights, through the `kestrel::packed_linear` custom op.
+weights, through the `kestrel::packed_linear` op (kernels/cpu_linear.py).
 
 Regional compilation: all layers share one compiled graph (their parameters are its inputs; the
 first layer adds a zero residual so it runs the same graph), so compile time is that of one layer

@@ -13,13 +13,14 @@ gathered copy (the eager torch backend) about as long. This op is registered wit
 
 It is built once per machine with torch's C++ extension loader (about 40 s on 2 cores; cached in
 ~/.cache/torch_extensions) the first time `load()` runs; where that fails (no compiler),
-`load()` returns False and callers keep their torch path.
+`load()` returns False and callers keep their torch path (so does KESTREL_CPU_ATTENTION=0, for A/B runs).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 
 import torch
 
@@ -184,10 +185,12 @@ TORCH_LIBRARY(kestrel_cpu, m) {
 @functools.cache
 def load() -> bool:
     """Build (once per machine) and load the op; False where it cannot be built (callers keep their torch path)."""
+    if os.environ.get("KESTREL_CPU_ATTENTION", "1") == "0":
+        return False
     try:
         from torch.utils.cpp_extension import load_inline
 
-        load_inline("kestrel_cpu_attention", cpp_sources=[_SOURCE], extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"],
+        load_inline(f"kestrel_cpu_attention_{_isa_tag()}", cpp_sources=[_SOURCE], extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"],
                     extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
     except Exception as e:  # no compiler, no ninja, ...: the torch path stays
         logger.warning("CPU decode-attention kernel unavailable (%s); using the torch path", e)
@@ -198,6 +201,19 @@ def load() -> bool:
         return torch.empty_like(q, memory_format=torch.contiguous_format)
 
     return True
+
+
+def _isa_tag() -> str:
+    """A short hash of the CPU's feature flags: the build uses -march=native, so a cache directory shared by
+    different CPUs must not hand one's build to another."""
+    import hashlib
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    return hashlib.sha1(flags.encode()).hexdigest()[:8]
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_index: torch.Tensor,

@@ -21,7 +21,7 @@ from gguf import GGMLQuantizationType as Q
 from kestrel.config import EngineConfig
 from kestrel.engine import Engine
 from kestrel.kernels.cpu_linear import PackedLinear
-from kestrel.kernels.cpu_quant import (GROUP_SIZE, Int4Linear, Int4Weight, Int8Linear, quantize_int8)
+from kestrel.kernels.cpu_quant import (GROUP_SIZE, Int4Linear, Int4Weight, Int8Linear, quantize_int4, quantize_int8)
 from kestrel.models.gguf_loader import read_gguf
 from kestrel.sampling_params import SamplingParams
 from tests.conftest import make_tiny_hf_model
@@ -75,6 +75,18 @@ def test_int4_kernel_and_int8_kernel_compute_their_weights():
         torch.testing.assert_close(got, expected, rtol=BF16_REL, atol=BF16_REL * float(expected.abs().max()))
 
 
+def test_int4_rounding_is_within_half_a_step_of_each_weight():
+    torch.manual_seed(0)
+    weight = torch.randn(64, 96) * 0.05
+    weight[3, :32] = 0.25  # a constant group: scale 0, every code the same
+    int4 = quantize_int4(weight)
+    assert int4.codes.dtype == torch.uint8 and int(int4.codes.max()) <= 15
+    step = int4.scales.repeat_interleave(GROUP_SIZE, dim=1)  # [N, K]
+    error = (int4.dequantize(bf16_params=False) - weight).abs()
+    assert bool((error <= step / 2 * (1 + 2 * BF16_REL) + 1e-7).all())
+    assert torch.equal(int4.dequantize(bf16_params=False)[3, :32], weight[3, :32])
+
+
 @pytest.mark.parametrize("kind", ["int4", "int8"])
 def test_packed_linear_runs_few_rows_quantized_and_more_in_fp32(kind):
     torch.manual_seed(0)
@@ -126,7 +138,7 @@ def test_engine_runs_quantized_eager_and_compiled(tmp_path, source):
     if source == "hf":
         path = str(tmp_path / "hf")
         make_tiny_hf_model(path, "llama")
-        kinds = {"int4": 0, "int8": 9}  # 4 per layer + the head
+        kinds = {"int4": 1, "int8": 8}  # 4 int8 per layer; the head rounded to int4 (its top logits refined)
     else:
         path = _tiny_q4_gguf(tmp_path, Q.Q4_1)
         kinds = {"int4": 9, "int8": 0}  # the head too (vocab 300: padded to 304 in the int4 kernel)

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kestrel.distributed.parallel_state import SINGLE_RANK, TPGroup
-from kestrel.kernels.cpu_quant import Int4Weight, QuantizedWeight, choose_quantized, int8_supported
+from kestrel.kernels.cpu_quant import (Int4Weight, QuantizedWeight, choose_quantized, int4_supported, int8_supported,
+                                       quantize_int4)
 from kestrel.kernels.cpu_linear import PackedLinear, pack
 
 
@@ -63,10 +64,15 @@ class ParallelLMHead(VocabParallelEmbedding):
         self.quantized = loaded
 
     def prepare_quantized(self) -> str | None:
-        """int4 if the checkpoint gave its codes, else int8 rounded from the weight; which."""
+        """int4: the checkpoint's codes, else rounded from the weight (its top logits are recomputed from
+        the plain weight, so int4 gives the int8 head's greedy tokens at half the bytes); int8 where the
+        int4 kernel cannot run this width. Returns which."""
         if self.kernel is not None or not int8_supported():
             return None
-        self.quantized = choose_quantized(self.weight, self.quantized)
+        int4 = self.quantized
+        if int4 is None and int4_supported(self.weight.shape[1]):
+            int4 = quantize_int4(self.weight)
+        self.quantized = choose_quantized(self.weight, int4)
         return "int4" if isinstance(self.quantized, Int4Weight) else "int8"
 
     def pack_weights(self) -> bool:

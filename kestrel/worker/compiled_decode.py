@@ -17,8 +17,9 @@ decode step compiles (tens of seconds on 2 cores; inductor caches the result on 
 process with the same model and torch starts faster); `warmup()` does that at start-up.
 
 With `--cpu-quantized-decode`, steps of up to `QUANTIZED_MAX_ROWS` rows take a second graph that calls
-the int4 / int8 kernels in the graph itself (`kernels/cpu_linear.quantized_graphs`); `warmup()`
-compiles both. Once warm, steps run with dynamo's guard evaluation skipped except for the guards
+the int4 / int8 kernels in the graph itself (`kernels/cpu_linear.quantized_graphs`), and a lone request
+is not padded: it gets a third graph, of one row (the int4 kernel's time grows with the rows: ~25%
+from one to two). `warmup()` compiles them all. Once warm, steps run with dynamo's guard evaluation skipped except for the guards
 that tell the graphs apart (`skip_guard_eval_unsafe`): every step's inputs have the dtypes, devices
 and dynamic dimensions the graphs were compiled for, and evaluating the full guards of 31 calls cost
 ~2 ms of a ~20 ms batch-1 step (64 us a call on a 2-core Zen 4).
@@ -73,13 +74,15 @@ class CompiledDecodeRunner:
     def warmup(self) -> float:
         """Compile now, on fake decode steps (they write only the spare slot); returns seconds.
 
-        Two rows; with quantized weights also `QUANTIZED_MAX_ROWS + 1` rows (the other graph) when the
-        batch can be that large.
+        Two rows; with quantized weights also one row and `QUANTIZED_MAX_ROWS + 1` rows (the fp graph)
+        when the batch can be that large.
         """
         start = time.perf_counter()
         sizes = [MIN_ROWS]
-        if self.quantized and self.max_batch_size > QUANTIZED_MAX_ROWS:
-            sizes.append(QUANTIZED_MAX_ROWS + 1)
+        if self.quantized:
+            sizes.append(1)
+            if self.max_batch_size > QUANTIZED_MAX_ROWS:
+                sizes.append(QUANTIZED_MAX_ROWS + 1)
         i32 = dict(dtype=torch.int32, device=self.device)
         for rows in sizes:
             width = rows + 3  # width != rows: the two dimensions get their own symbols
@@ -103,7 +106,7 @@ class CompiledDecodeRunner:
         mask = torch.arange(width, device=self.device).view(1, -1) < layout.seq_lens_t.view(-1, 1)
         kv_index = torch.where(mask, table, table[:, :1])
         slot_mapping = layout.slot_mapping
-        if r < MIN_ROWS:
+        if r < (1 if self.quantized else MIN_ROWS):
             pad = MIN_ROWS - r
             token_ids = _pad(token_ids, pad, 0)
             positions = _pad(positions, pad, 0)
@@ -134,9 +137,10 @@ class CompiledDecodeRunner:
         x = decoder.embed_tokens(token_ids)  # [R, hidden]
         rope = decoder.rotary.for_positions(positions)
         residual = torch.zeros_like(x)  # layer 0 adds zeros: every layer runs the same graph
-        if mark:  # batch rows and KV width are dynamic (the first compile is the only one)
+        if mark:  # batch rows (from two) and KV width are dynamic: one compile per graph
             for t in (x, residual, rope.cos, rope.sin, meta.slot_mapping, meta.kv_index, meta.mask):
-                torch._dynamo.mark_dynamic(t, 0)
+                if t.shape[0] > 1:
+                    torch._dynamo.mark_dynamic(t, 0)
             for t in (meta.kv_index, meta.mask):
                 torch._dynamo.mark_dynamic(t, 1)
         ctx = AttentionContext(self.backend, meta, self.kv_caches)

@@ -42,7 +42,7 @@ class SlotDecodeAttention:
         k_cache[meta.slot_mapping] = k
         v_cache[meta.slot_mapping] = v
         if self.native:
-            return cpu_attention.decode_attention(q, k_cache, v_cache, meta.kv_index, meta.mask, q.shape[-1] ** -0.5)
+            return cpu_attention.decode_attention(q, k_cache, v_cache, meta.kv_index, meta.mask)
         return decode_attention(q, k_cache, v_cache, meta.kv_index, meta.mask)
 
 

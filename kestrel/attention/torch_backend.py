@@ -152,12 +152,10 @@ class TorchAttentionBackend:
         out = _sdpa(q_d.unsqueeze(2), keys, values, group.mask, is_causal=False)         # [R, H, 1, D]
         return out[:, :, 0]                                                               # [Rd, H, D]
 
-
     @staticmethod
     def _native_decode(q, k_cache, v_cache, group: DecodeGroup) -> torch.Tensor:
-        q_d = q if group.all_rows else q.index_select(0, group.token_index)  # [Rd, H, D]
-        return cpu_attention.decode_attention(q_d, k_cache, v_cache, group.kv_index, group.mask,
-                                              q.shape[-1] ** -0.5)  # [Rd, H, D]
+        q_d = q if group.all_rows else q.index_select(0, group.token_index)              # [Rd, H, D]
+        return cpu_attention.decode_attention(q_d, k_cache, v_cache, group.kv_index, group.mask)  # [Rd, H, D]
 
 
 def _sdpa(q, keys, values, mask, is_causal: bool) -> torch.Tensor:

@@ -217,7 +217,8 @@ def _isa_tag() -> str:
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_index: torch.Tensor,
-                     mask: torch.Tensor, scale: float) -> torch.Tensor:
+                     mask: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """q [R, H, D]; caches [N, KH, D]; kv_index [R, L] int64 or int32 slots; mask [R, L] (or [R, 1, 1, L]) bool,
-    True = attend, at least one per row -> [R, H, D] in q's dtype. Needs `load()`."""
+    True = attend, at least one per row -> [R, H, D] in q's dtype; scale 1/sqrt(D) unless given. Needs `load()`."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     return torch.ops.kestrel_cpu.decode_attention(q, k_cache, v_cache, kv_index, mask, scale)

@@ -52,15 +52,17 @@ def build_step_batch(out: SchedulerOutput, kv_manager: KVCacheManager, stop_rule
 
 def _sample_rows(requests: list[Request], stop_rules: StopRules, grammar: GrammarHook | None) -> list[SampleRow]:
     constrained = [r for r in requests if r.params.structured_outputs is not None] if grammar is not None else []
-    bitmasks = dict(zip((r.request_id for r in constrained), grammar.bitmasks(constrained))) if constrained else {}
+    bitmasks = iter(grammar.bitmasks(constrained) if constrained else ())  # one per constrained request, in order
     rows = []
     for req in requests:
         p = req.params
         blocked = stop_rules.blocked_token_ids(p, req.num_output_tokens + req.num_inflight_tokens)
         prompt = req.prompt_token_ids if p.repetition_penalty != 1 else None
         output = req.output_token_ids if p.has_penalties else None
-        bitmask = bitmasks.get(req.request_id)
-        if blocked and req.request_id in bitmasks and grammar.can_end(req):
-            blocked = []  # a complete grammar allows only EOS: it wins over min_tokens
+        bitmask = None
+        if grammar is not None and p.structured_outputs is not None:
+            bitmask = next(bitmasks)
+            if blocked and grammar.can_end(req):
+                blocked = []  # a complete grammar allows only EOS: it wins over min_tokens
         rows.append(SampleRow(req.request_id, p, blocked, prompt, output, bitmask))
     return rows

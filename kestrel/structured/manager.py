@@ -3,7 +3,8 @@
 Owns one `xgrammar.GrammarMatcher` per constrained request while it runs. The scheduler calls it
 (`kestrel.scheduler.grammar_hook.GrammarHook`): `add` compiles the constraint when the request
 arrives (a `GrammarError` refuses it), `bitmasks` packs the tokens allowed next for all of a step's
-constrained requests at once (xgrammar's batch fill, on several threads) into their `SampleRow`s, `advance` accepts each sampled token and returns the jump-forward tokens to append,
+constrained requests at once (xgrammar's batch fill, on several threads) into their `SampleRow`s,
+`advance` accepts each sampled token and returns the jump-forward tokens to append,
 `release` drops the matcher (finish, abort, preemption). A matcher that was dropped by preemption
 is rebuilt by replaying the request's output tokens into a fresh one.
 

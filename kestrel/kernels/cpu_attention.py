@@ -176,7 +176,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
 }  // namespace
 
 TORCH_LIBRARY(kestrel_cpu, m) {
-  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor kv_index, Tensor mask, float scale) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor kv_index, Tensor mask, "
+        "float scale) -> Tensor");
   m.impl("decode_attention", c10::DispatchKey::CPU, TORCH_FN(decode_attention));
 }
 """
@@ -190,7 +191,8 @@ def load() -> bool:
     try:
         from torch.utils.cpp_extension import load_inline
 
-        load_inline(f"kestrel_cpu_attention_{_isa_tag()}", cpp_sources=[_SOURCE], extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"],
+        load_inline(f"kestrel_cpu_attention_{_isa_tag()}", cpp_sources=[_SOURCE],
+                    extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"],
                     extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
     except Exception as e:  # no compiler, no ninja, ...: the torch path stays
         logger.warning("CPU decode-attention kernel unavailable (%s); using the torch path", e)

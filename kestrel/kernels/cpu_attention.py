@@ -14,6 +14,7 @@ gathered copy (the eager torch backend) about as long. This op is registered wit
 It is built once per machine with torch's C++ extension loader (about 40 s on 2 cores; cached in
 ~/.cache/torch_extensions) the first time `load()` runs; where that fails (no compiler),
 `load()` returns False and callers keep their torch path (so does KESTREL_CPU_ATTENTION=0, for A/B runs).
+The same build carries the bf16 prefill kernel of `cpu_prefill_attention.py`.
 """
 
 from __future__ import annotations
@@ -191,7 +192,9 @@ def load() -> bool:
     try:
         from torch.utils.cpp_extension import load_inline
 
-        load_inline(f"kestrel_cpu_attention_{_isa_tag()}", cpp_sources=[_SOURCE],
+        from kestrel.kernels import cpu_prefill_attention
+
+        load_inline(f"kestrel_cpu_attention_{_isa_tag()}", cpp_sources=[_SOURCE, cpu_prefill_attention.SOURCE],
                     extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"],
                     extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
     except Exception as e:  # no compiler, no ninja, ...: the torch path stays

@@ -1,0 +1,67 @@
+"""The CPU bf16 prefill-attention kernel against fp32 SDPA, alone and behind the torch backend."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kestrel.attention.torch_backend import PrefillChunk, TorchAttentionBackend
+from kestrel.kernels import cpu_attention, cpu_prefill_attention
+
+pytestmark = pytest.mark.skipif(not cpu_attention.load(), reason="the C++ CPU kernels do not build here")
+
+
+def _reference(q, k_cache, v_cache, kv_index):
+    # fp32 SDPA over the gathered keys; query i sees keys j <= S - Q + i.  -> [Q, H, D] fp32
+    n_q, s = q.shape[0], kv_index.numel()
+    keys = k_cache[kv_index.long()].float().transpose(0, 1)[None]
+    values = v_cache[kv_index.long()].float().transpose(0, 1)[None]
+    mask = torch.arange(s).view(1, -1) <= (s - n_q + torch.arange(n_q)).view(-1, 1)
+    out = F.scaled_dot_product_attention(q.float().transpose(0, 1)[None], keys, values, attn_mask=mask,
+                                         enable_gqa=keys.shape[1] != q.shape[1])
+    return out[0].transpose(0, 1)
+
+
+@pytest.mark.parametrize("n_q, s, heads, kv_heads, head_dim", [
+    (1, 1, 9, 3, 64),      # one token
+    (5, 5, 9, 3, 64),      # a partial query tile
+    (130, 130, 9, 3, 64),  # several key blocks, causal
+    (33, 300, 9, 3, 64),   # cached context, the last key block partial
+    (7, 100, 4, 2, 128),   # head dim 128
+    (70, 200, 8, 8, 128),  # no GQA
+])
+def test_prefill_kernel_matches_fp32_sdpa(n_q, s, heads, kv_heads, head_dim):
+    gen = torch.Generator().manual_seed(n_q * 1000 + s)
+    slots = s + 40
+    k_cache = torch.randn(slots, kv_heads, head_dim, generator=gen).bfloat16()
+    v_cache = torch.randn(slots, kv_heads, head_dim, generator=gen).bfloat16()
+    q = (2 * torch.randn(n_q, heads, head_dim, generator=gen)).bfloat16()
+    kv_index = torch.randperm(slots, generator=gen)[:s].int()  # scattered slots, as the pool hands them out
+    out = cpu_prefill_attention.prefill_attention(q, k_cache, v_cache, kv_index)
+    ref = _reference(q, k_cache, v_cache, kv_index)
+    assert out.shape == q.shape and out.dtype == torch.bfloat16
+    err = (out.float() - ref).abs()
+    assert err.max().item() < 0.03 and err.mean().item() < 0.004  # bf16 rounding of weights and output
+
+
+@pytest.mark.skipif(not cpu_prefill_attention.use(), reason="no AVX512-BF16: the backend keeps SDPA")
+@pytest.mark.parametrize("context", [0, 45])
+def test_torch_backend_prefill_takes_the_kernel_with_the_sdpa_result(context):
+    heads, kv_heads, head_dim, n_q = 9, 3, 64, 20
+    gen = torch.Generator().manual_seed(context)
+    k_cache = torch.randn(128, kv_heads, head_dim, generator=gen).bfloat16()
+    v_cache = torch.randn(128, kv_heads, head_dim, generator=gen).bfloat16()
+    q = torch.randn(3 + n_q, heads, head_dim, generator=gen).bfloat16()  # the chunk starts at token 3
+    s = context + n_q
+    kv_index = torch.randperm(128, generator=gen)[:s].int()
+    mask = None if context == 0 else torch.arange(s).view(1, -1) <= torch.arange(context, s).view(-1, 1)
+    chunk = PrefillChunk(3, n_q, kv_index, mask)
+    backend = TorchAttentionBackend(num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, max_model_len=256,
+                                    device="cpu")
+    assert backend.native_prefill
+    fast = backend._prefill(q, k_cache, v_cache, chunk)
+    backend.native_prefill = False
+    slow = backend._prefill(q, k_cache, v_cache, chunk)
+    assert fast.shape == slow.shape == (n_q, heads, head_dim)
+    assert (fast.float() - slow.float()).abs().max().item() < 0.03

@@ -4,7 +4,9 @@ One query per request: out[r, h] = softmax(q[r, h] . K[kv_index[r, l]] * scale o
 Each (request, KV head) pair is one work item: its G = H / KH query heads are scored against the
 keys read straight from the KV pool through the slot indices (no gathered copy), then the values
 are summed with the softmax weights, in fp32 whatever the cache dtype (bf16 is widened by a shift).
-Work items are spread over torch's intra-op threads when there are enough of them.
+bf16 caches on a CPU with AVX512-BF16 (head dim 64 / 128) take an intrinsics path instead: q . k by
+`vdpbf16ps` on the raw bf16 rows, 16 keys' sums reduced at once, the exp 16 lanes at a time: 2.8x
+the portable loops (7 requests x 560 keys: 390 -> 140 us a layer on a 2-core Zen 4). Work items are spread over torch's intra-op threads when there are enough of them.
 
 Why C++: inductor's loops for the same maths (`attention/slot_decode.py`) took 130 us a layer for
 one padded request and 270 us for eight on a 2-core Zen 4, where the data is ~120 KB; SDPA on a
@@ -40,6 +42,9 @@ _SOURCE = r"""
 #include <limits>
 #include <type_traits>
 #include <vector>
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -142,6 +147,118 @@ void decode(const T* q, const T* kc, const T* vc, const int64_t* index, const bo
   });
 }
 
+#if defined(__AVX512BF16__)
+// lane j of the result = the sum of a[j]'s 16 lanes (a transpose-and-add tree: 45 ops for 16 sums).
+inline __m512 sum16(const __m512* a) {
+  __m512 x[8], y[4], z[2];
+  for (int i = 0; i < 8; ++i)
+    x[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {
+    const __m512d p = _mm512_castps_pd(x[2 * i]), q = _mm512_castps_pd(x[2 * i + 1]);
+    y[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(p, q)), _mm512_castpd_ps(_mm512_unpackhi_pd(p, q)));
+  }
+  for (int i = 0; i < 2; ++i)
+    z[i] = _mm512_add_ps(_mm512_shuffle_f32x4(y[2 * i], y[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(y[2 * i], y[2 * i + 1], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(z[0], z[1], 0x88), _mm512_shuffle_f32x4(z[0], z[1], 0xDD));
+}
+
+inline __m512 exp512(__m512 x) {  // exp_nonpositive, 16 lanes (2^n applied by scalef)
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// bf16 caches on AVX512-BF16: q . k by `vdpbf16ps` on the raw bf16 rows, 16 keys' sums at once
+// (sum16), the exp 16 lanes at a time; values widened to fp32 for the weighted sum.
+template <int64_t D>
+void decode_bf16(const uint16_t* q, const uint16_t* kc, const uint16_t* vc, const int64_t* index, const bool* mask,
+                 uint16_t* out, int64_t R, int64_t H, int64_t KH, int64_t L, int64_t slot_stride,
+                 int64_t head_stride, float scale) {
+  constexpr int64_t NV = D / 32, NF = D / 16;  // bf16 / fp32 vectors a row
+  const int64_t G = H / KH, LP = (L + 15) / 16 * 16;
+  const int64_t grain = std::max<int64_t>(1, 1024 / std::max<int64_t>(1, L * G));
+  at::parallel_for(0, R * KH, grain, [&](int64_t begin, int64_t end) {
+    std::vector<__m512bh> qv(G * NV);
+    std::vector<__m512> part(G * 16), acc(G * NF);
+    std::vector<float> scores(G * LP);
+    const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t r = item / KH, kh = item % KH;
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t v = 0; v < NV; ++v)
+          qv[g * NV + v] = (__m512bh)_mm512_loadu_si512(q + (r * H + kh * G + g) * D + 32 * v);
+      const int64_t* idx = index + r * L;
+      const bool* attend = mask + r * L;
+      for (int64_t l0 = 0; l0 < L; l0 += 16) {
+        const int64_t n = std::min<int64_t>(16, L - l0);
+        for (int64_t j = 0; j < 16; ++j) {
+          if (j >= n) {
+            for (int64_t g = 0; g < G; ++g) part[g * 16 + j] = _mm512_setzero_ps();
+            continue;
+          }
+          const uint16_t* k = kc + idx[l0 + j] * slot_stride + kh * head_stride;
+          __m512bh kv[NV];
+          for (int64_t v = 0; v < NV; ++v) kv[v] = (__m512bh)_mm512_loadu_si512(k + 32 * v);
+          for (int64_t g = 0; g < G; ++g) {
+            __m512 a = _mm512_dpbf16_ps(_mm512_setzero_ps(), qv[g * NV], kv[0]);
+            for (int64_t v = 1; v < NV; ++v) a = _mm512_dpbf16_ps(a, qv[g * NV + v], kv[v]);
+            part[g * 16 + j] = a;
+          }
+        }
+        __mmask16 seen = 0;
+        for (int64_t j = 0; j < n; ++j) seen |= static_cast<__mmask16>(attend[l0 + j]) << j;
+        for (int64_t g = 0; g < G; ++g) {
+          const __m512 sc = _mm512_mul_ps(sum16(part.data() + g * 16), _mm512_set1_ps(scale));
+          _mm512_storeu_ps(scores.data() + g * LP + l0, _mm512_mask_mov_ps(ninf, seen, sc));
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {  // softmax weights, unnormalised; padding lanes are -inf -> ~0
+        float* sg = scores.data() + g * LP;
+        __m512 mx = ninf;
+        for (int64_t l = 0; l < LP; l += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(sg + l));
+        const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t l = 0; l < LP; l += 16) {
+          const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(sg + l), m));
+          _mm512_storeu_ps(sg + l, e);
+          sum = _mm512_add_ps(sum, e);
+        }
+        const float total = _mm512_reduce_add_ps(sum);
+        for (int64_t l = 0; l < LP; ++l) sg[l] /= total;
+        for (int64_t f = 0; f < NF; ++f) acc[g * NF + f] = _mm512_setzero_ps();
+      }
+      for (int64_t l = 0; l < L; ++l) {  // weights times values
+        if (!attend[l]) continue;
+        const uint16_t* v = vc + idx[l] * slot_stride + kh * head_stride;
+        __m512 vf[NF];
+        for (int64_t f = 0; f < NF; ++f)
+          vf[f] = _mm512_castsi512_ps(_mm512_slli_epi32(
+              _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + 16 * f))), 16));
+        for (int64_t g = 0; g < G; ++g) {
+          const __m512 p = _mm512_set1_ps(scores[g * LP + l]);
+          for (int64_t f = 0; f < NF; ++f) acc[g * NF + f] = _mm512_fmadd_ps(p, vf[f], acc[g * NF + f]);
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        uint16_t* o = out + (r * H + kh * G + g) * D;
+        for (int64_t f = 0; f < NF; ++f)
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 16 * f), (__m256i)_mm512_cvtneps_pbh(acc[g * NF + f]));
+      }
+    }
+  });
+}
+#endif
+
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& kv_index, const at::Tensor& mask, double scale) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 3 && v_cache.dim() == 3, "q [R, H, D], caches [N, KH, D]");
@@ -169,6 +286,20 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
     else if (D == 128) run(tag, std::integral_constant<int64_t, 128>{});
     else run(tag, std::integral_constant<int64_t, 0>{});
   };
+#if defined(__AVX512BF16__)
+  if (q.scalar_type() == at::kBFloat16 && (D == 64 || D == 128)) {
+    auto fast = [&](auto ds) {
+      decode_bf16<decltype(ds)::value>(
+          reinterpret_cast<const uint16_t*>(qc.data_ptr()), reinterpret_cast<const uint16_t*>(k_cache.data_ptr()),
+          reinterpret_cast<const uint16_t*>(v_cache.data_ptr()), idx.data_ptr<int64_t>(), m.data_ptr<bool>(),
+          reinterpret_cast<uint16_t*>(out.data_ptr()), R, H, KH, L, k_cache.stride(0), k_cache.stride(1),
+          static_cast<float>(scale));
+    };
+    if (D == 64) fast(std::integral_constant<int64_t, 64>{});
+    else fast(std::integral_constant<int64_t, 128>{});
+    return out;
+  }
+#endif
   if (q.scalar_type() == at::kFloat) by_dim(float{});
   else by_dim(c10::BFloat16{});
   return out;

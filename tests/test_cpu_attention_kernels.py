@@ -1,4 +1,5 @@
-"""The CPU bf16 prefill-attention kernel against fp32 SDPA, alone and behind the torch backend."""
+"""The C++ CPU attention kernels on bf16 caches (decode: the AVX512-BF16 path where the CPU has it;
+prefill: the flash kernel) against fp32 SDPA, and the prefill kernel behind the torch backend."""
 
 from __future__ import annotations
 
@@ -43,6 +44,33 @@ def test_prefill_kernel_matches_fp32_sdpa(n_q, s, heads, kv_heads, head_dim):
     assert out.shape == q.shape and out.dtype == torch.bfloat16
     err = (out.float() - ref).abs()
     assert err.max().item() < 0.03 and err.mean().item() < 0.004  # bf16 rounding of weights and output
+
+
+@pytest.mark.parametrize("seq_lens, heads, kv_heads, head_dim", [
+    ([1], 9, 3, 64),               # one key
+    ([37, 5, 16], 9, 3, 64),       # partial and whole 16-key blocks, padded rows
+    ([300, 129], 32, 8, 128),      # head dim 128, GQA 4
+    ([20, 3], 4, 4, 64),           # no GQA
+])
+def test_bf16_decode_kernel_matches_fp32_sdpa(seq_lens, heads, kv_heads, head_dim):
+    gen = torch.Generator().manual_seed(sum(seq_lens))
+    rows, width = len(seq_lens), max(seq_lens)
+    slots = rows * width + 10
+    k_cache = torch.randn(slots, kv_heads, head_dim, generator=gen).bfloat16()
+    v_cache = torch.randn(slots, kv_heads, head_dim, generator=gen).bfloat16()
+    q = (2 * torch.randn(rows, heads, head_dim, generator=gen)).bfloat16()
+    kv_index = torch.randperm(slots, generator=gen)[:rows * width].view(rows, width).int()
+    mask = torch.arange(width).view(1, -1) < torch.tensor(seq_lens).view(-1, 1)
+    mask &= torch.rand(rows, width, generator=gen) < 0.8  # holes, as a masked-out key would leave
+    mask[:, 0] = True
+    out = cpu_attention.decode_attention(q, k_cache, v_cache, kv_index, mask)
+    keys = k_cache[kv_index.long()].float().transpose(1, 2)    # [R, KH, L, D]
+    values = v_cache[kv_index.long()].float().transpose(1, 2)
+    ref = F.scaled_dot_product_attention(q.float().unsqueeze(2), keys, values, attn_mask=mask.view(rows, 1, 1, width),
+                                         enable_gqa=kv_heads != heads)[:, :, 0]
+    assert out.shape == q.shape and out.dtype == torch.bfloat16
+    err = (out.float() - ref).abs()
+    assert err.max().item() < 0.02 and err.mean().item() < 0.002
 
 
 @pytest.mark.skipif(not cpu_prefill_attention.use(), reason="no AVX512-BF16: the backend keeps SDPA")

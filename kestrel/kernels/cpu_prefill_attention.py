@@ -15,8 +15,8 @@ Why: torch's CPU SDPA on bf16 runs at 44-65 GFLOP/s on a 2-core Zen 4 whose bf16
 ~420, and at 512 tokens attention was ~35% of a SmolLM2 prefill. fp32 caches keep torch's SDPA
 (the fidelity tests compare fp32 with transformers).
 
-Its source is built with the decode kernel's, into one extension (`cpu_attention.load()`), so
-KESTREL_CPU_ATTENTION=0 turns both off, for A/B runs.
+Its source is built after the decode kernel's, into one extension (`cpu_attention.load()`), and uses
+that source's exp helpers; KESTREL_CPU_ATTENTION=0 turns both off, for A/B runs.
 """
 
 from __future__ import annotations
@@ -65,42 +65,7 @@ inline uint16_t to_bf(float f) {  // round to nearest even (no NaNs here)
   return static_cast<uint16_t>(w >> 16);
 }
 
-// exp(x) for x <= 0, as in cpu_attention (clamped at -87: a masked key weighs 1.6e-38, never NaN).
-inline float exp_nonpositive(float x) {
-  x = x < -87.f ? -87.f : x;
-  const float t = x * 1.4426950408889634f;
-  const float n = std::nearbyint(t);
-  const float f = t - n;
-  float p = 1.5403530393381606e-4f;
-  p = p * f + 1.3333558146428443e-3f;
-  p = p * f + 9.6181291076284772e-3f;
-  p = p * f + 5.5504108664821580e-2f;
-  p = p * f + 2.4022650695910071e-1f;
-  p = p * f + 6.9314718055994531e-1f;
-  p = p * f + 1.f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-
-#if defined(__AVX512BF16__)
-// The same exp, 16 lanes at a time (2^n applied by scalef).
-inline __m512 exp512(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
-  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
-#endif
+// exp_nonpositive and exp512 come from cpu_attention's source, which precedes this one in the build.
 
 // s[TM][BN] = q pairs [TM][D/2] . packed key block [D/2][BN] (fp32).
 template <int64_t D>

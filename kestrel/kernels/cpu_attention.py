@@ -6,7 +6,8 @@ keys read straight from the KV pool through the slot indices (no gathered copy),
 are summed with the softmax weights, in fp32 whatever the cache dtype (bf16 is widened by a shift).
 bf16 caches on a CPU with AVX512-BF16 (head dim 64 / 128) take an intrinsics path instead: q . k by
 `vdpbf16ps` on the raw bf16 rows, 16 keys' sums reduced at once, the exp 16 lanes at a time: 2.8x
-the portable loops (7 requests x 560 keys: 390 -> 140 us a layer on a 2-core Zen 4). Work items are spread over torch's intra-op threads when there are enough of them.
+the portable loops (7 requests x 560 keys: 390 -> 140 us a layer on a 2-core Zen 4).
+Work items are spread over torch's intra-op threads when there are enough of them.
 
 Why C++: inductor's loops for the same maths (`attention/slot_decode.py`) took 130 us a layer for
 one padded request and 270 us for eight on a 2-core Zen 4, where the data is ~120 KB; SDPA on a

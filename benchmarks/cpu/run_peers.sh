@@ -4,7 +4,9 @@
 #   bash benchmarks/cpu/run_peers.sh OUT_DIR [engines...]
 #   engines: kestrel kestrel-compiled kestrel-quant kestrel-quant-compiled (--cpu-quantized-decode) vllm llamacpp
 # 128 in / 128 out, /v1/completions, greedy, ignore EOS, concurrency 1 (8 prompts), 8 (16), 16 (32);
-# CONCURRENCY="1" for a subset; DTYPE=bfloat16 (default float32) for every Kestrel run and vLLM.
+# Each concurrency draws its own prompts (--seed C): with one seed, c8 would re-send c1's prompts and
+# every engine with a prefix cache would skip their prefill. CONCURRENCY="1" for a subset;
+# DTYPE=bfloat16 (default float32) for every Kestrel run and vLLM.
 set -uo pipefail
 out=${1:?OUT_DIR}; shift; mkdir -p "$out"
 peers=${PEERS_DIR:-$(cd "$(dirname "$0")/../../../shared/peers" && pwd)}
@@ -27,7 +29,7 @@ for e in $engines; do
     n=$(( c == 1 ? 8 : 2 * c ))
     echo "-- $e c$c load before $(cut -d' ' -f1 /proc/loadavg)"
     kestrel bench serve --base-url $url --endpoint /v1/completions --num-prompts $n --max-concurrency $c \
-      --random-input-len 128 --random-output-len 128 --temperature 0 --ignore-eos --num-warmups 1 \
+      --random-input-len 128 --random-output-len 128 --temperature 0 --ignore-eos --num-warmups 1 --seed $c \
       --save-result "$out/serve_${e}_c${c}.json" 2>&1 | grep -iE "throughput|TTFT|TPOT|completed|failed|output tokens"
     echo "-- load after $(cut -d' ' -f1 /proc/loadavg)"
   done

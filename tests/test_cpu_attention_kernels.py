@@ -93,3 +93,20 @@ def test_torch_backend_prefill_takes_the_kernel_with_the_sdpa_result(context):
     slow = backend._prefill(q, k_cache, v_cache, chunk)
     assert fast.shape == slow.shape == (n_q, heads, head_dim)
     assert (fast.float() - slow.float()).abs().max().item() < 0.03
+
+
+def test_a_killed_builds_lock_is_cleared_and_a_live_one_kept(tmp_path, monkeypatch):
+    import os
+    import time
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = os.path.join(_get_build_directory("kestrel_lock_probe", verbose=False), "lock")
+    open(lock, "w").close()
+    cpu_attention._clear_stale_lock("kestrel_lock_probe")
+    assert os.path.exists(lock)  # a build in progress: left alone
+    old = time.time() - cpu_attention._STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    cpu_attention._clear_stale_lock("kestrel_lock_probe")
+    assert not os.path.exists(lock)  # torch's loader would have waited on it forever

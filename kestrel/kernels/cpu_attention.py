@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import time
 
 import torch
 
@@ -326,7 +327,9 @@ def load() -> bool:
 
         from kestrel.kernels import cpu_prefill_attention
 
-        load_inline(f"kestrel_cpu_attention_{_isa_tag()}", cpp_sources=[_SOURCE, cpu_prefill_attention.SOURCE],
+        name = f"kestrel_cpu_attention_{_isa_tag()}"
+        _clear_stale_lock(name)
+        load_inline(name, cpp_sources=[_SOURCE, cpu_prefill_attention.SOURCE],
                     extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"],
                     extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
     except Exception as e:  # no compiler, no ninja, ...: the torch path stays
@@ -338,6 +341,26 @@ def load() -> bool:
         return torch.empty_like(q, memory_format=torch.contiguous_format)
 
     return True
+
+
+_STALE_LOCK_S = 600.0
+"""A build takes ~40 s; a lock older than this is a killed build's, and torch's loader would wait on it forever."""
+
+
+def _clear_stale_lock(name: str) -> None:
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = os.path.join(_get_build_directory(name, verbose=False), "lock")
+    try:
+        age = time.time() - os.path.getmtime(lock)
+    except OSError:
+        return  # no lock: nobody is building
+    if age > _STALE_LOCK_S:
+        logger.warning("removing a stale build lock (%.0f s old, a killed build's): %s", age, lock)
+        try:
+            os.remove(lock)
+        except OSError:
+            pass
 
 
 def _isa_tag() -> str:

@@ -51,9 +51,19 @@ namespace {
 constexpr int64_t TM = 4;   // queries per tile
 constexpr int64_t BN = 64;  // keys per block
 
-inline float bf(uint16_t b) { return static_cast<float>(c10::BFloat16(b, c10::BFloat16::from_bits())); }
+inline float bf(uint16_t b) {
+  uint32_t w = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &w, sizeof(f));
+  return f;
+}
 
-inline uint16_t to_bf(float f) { return c10::BFloat16(f).x; }  // round to nearest even
+inline uint16_t to_bf(float f) {  // round to nearest even (no NaNs here)
+  uint32_t w;
+  std::memcpy(&w, &f, sizeof(w));
+  w += 0x7fff + ((w >> 16) & 1);
+  return static_cast<uint16_t>(w >> 16);
+}
 
 // exp_nonpositive and exp512 come from cpu_attention's source, which precedes this one in the build.
 

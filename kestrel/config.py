@@ -155,6 +155,9 @@ class EngineConfig:
     compile_decode: bool = False
     """CPU: run decode steps as one torch.compile'd graph (inductor: fused elementwise ops, attention read
     through the slot table); compiled at start-up (tens of seconds on 2 cores, cached on disk)."""
+    compile_prefill: bool = False
+    """CPU: run the parts of prefill and mixed steps between attention calls as one torch.compile'd graph
+    (fused norms, RoPE, activations; worker/compiled_prefill.py); compiled at start-up (~20 s on 2 cores)."""
     cpu_quantized_decode: bool = False
     """CPU: matmuls of a few rows (decode at small batch: up to 8 rows on int4, 4 on int8) read quantized
     weights: int4 where a GGUF stores the weight as Q4_0/Q4_1 (its own codes, scales rounded to bf16), int8 per

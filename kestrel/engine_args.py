@@ -43,6 +43,9 @@ def add_engine_args(parser: argparse.ArgumentParser, with_model: bool = True) ->
                         help="CPU: keep torch's default F.linear instead of oneDNN-packed weights")
     parser.add_argument("--compile-decode", action="store_true",
                         help="CPU: run decode steps as one torch.compile'd graph (compiled at start-up)")
+    parser.add_argument("--compile-prefill", action="store_true",
+                        help="CPU: run prefill and mixed steps with the parts between attention calls "
+                             "torch.compile'd (compiled at start-up)")
     parser.add_argument("--cpu-quantized-decode", action="store_true",
                         help="CPU: matmuls of a few rows (decode at small batch) read quantized weights: int4 "
                              "where a GGUF stores Q4_0/Q4_1 (its own codes), int8 per row rounded from the "
@@ -67,6 +70,7 @@ def engine_config_from_args(args: argparse.Namespace, **overrides) -> EngineConf
         num_kv_slots=args.num_kv_slots, seed=args.seed, num_threads=args.num_threads,
         prepack_weights=getattr(args, "prepack_weights", True),
         compile_decode=getattr(args, "compile_decode", False),
+        compile_prefill=getattr(args, "compile_prefill", False),
         cpu_quantized_decode=getattr(args, "cpu_quantized_decode", False),
         gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
         mixed_graph_max_tokens=getattr(args, "mixed_graph_max_tokens", 512),

@@ -2,7 +2,8 @@
 # Side by side on this CPU machine, one server at a time, same client: Kestrel (eager, --compile-decode),
 # vLLM CPU and llama.cpp (../shared/peers scripts; PEERS_DIR to use another copy of them).
 #   bash benchmarks/cpu/run_peers.sh OUT_DIR [engines...]
-#   engines: kestrel kestrel-compiled kestrel-quant kestrel-quant-compiled (--cpu-quantized-decode) vllm llamacpp
+#   engines: kestrel kestrel-compiled kestrel-quant kestrel-quant-compiled (--cpu-quantized-decode)
+#   kestrel-all (+ --compile-prefill) vllm llamacpp
 # 128 in / 128 out, /v1/completions, greedy, ignore EOS, concurrency 1 (8 prompts), 8 (16), 16 (32);
 # Each concurrency draws its own prompts (--seed C): with one seed, c8 would re-send c1's prompts and
 # every engine with a prefix cache would skip their prefill. CONCURRENCY="1" for a subset;
@@ -19,6 +20,7 @@ for e in $engines; do
     kestrel-compiled) port=8012; kestrel serve --port $port --disable-uvicorn-access-log --dtype $dtype --compile-decode >"$out/$e.log" 2>&1 & ;;
     kestrel-quant) port=8013; kestrel serve --port $port --disable-uvicorn-access-log --dtype $dtype --cpu-quantized-decode >"$out/$e.log" 2>&1 & ;;
     kestrel-quant-compiled) port=8014; kestrel serve --port $port --disable-uvicorn-access-log --dtype $dtype --cpu-quantized-decode --compile-decode >"$out/$e.log" 2>&1 & ;;
+    kestrel-all) port=8015; kestrel serve --port $port --disable-uvicorn-access-log --dtype $dtype --cpu-quantized-decode --compile-decode --compile-prefill >"$out/$e.log" 2>&1 & ;;
     vllm) port=8000; bash "$peers/serve-vllm.sh" $port $dtype >"$out/$e.log" 2>&1 & ;;
     llamacpp) port=8081; bash "$peers/serve-llamacpp.sh" $port >"$out/$e.log" 2>&1 & ;;
   esac

@@ -325,11 +325,11 @@ def load() -> bool:
     try:
         from torch.utils.cpp_extension import load_inline
 
-        from kestrel.kernels import cpu_prefill_attention
+        from kestrel.kernels import cpu_bf16_gemm, cpu_prefill_attention
 
         name = f"kestrel_cpu_attention_{_isa_tag()}"
         _clear_stale_lock(name)
-        load_inline(name, cpp_sources=[_SOURCE, cpu_prefill_attention.SOURCE],
+        load_inline(name, cpp_sources=[_SOURCE, cpu_prefill_attention.SOURCE, cpu_bf16_gemm.SOURCE],
                     extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"],
                     extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
     except Exception as e:  # no compiler, no ninja, ...: the torch path stays

@@ -24,11 +24,17 @@ every layer of the same shape), and the op's fake implementation gives the outpu
 
 With a quantized weight (`--cpu-quantized-decode`) a kernel keeps both weights and runs matmuls of
 up to the quantized kernel's `max_rows` rows on it (`kernels/cpu_quant.py`: int4 or int8, fewer
-bytes read, bf16 activations), larger ones (prefill, big batches) on the fp32 packed one. The
+bytes read, bf16 activations; at most `QUANTIZED_ROWS_BESIDE_BF16` beside the bf16 kernel below),
+larger ones (prefill, big batches) on the packed one. The
 quantized kernels return bf16, too coarse for the LM head's logits (near-ties decide greedy tokens:
 bf16 rounding alone changed 4% of SmolLM2's top-1 tokens), so a head kernel built with
 `refine_top_k` recomputes the k largest logits of each row in fp32 from the plain weight (in the
 weight's dtype: bf16 for a bf16 model).
+
+bf16 weights on a CPU with AVX512-BF16 also get a copy in `kernels/cpu_bf16_gemm.py`'s layout: matmuls of
+up to `cpu_bf16_gemm.MAX_ROWS` rows (decode batches, short chunks) run on that kernel, 1.1-2x faster than
+oneDNN there; oneDNN keeps the larger ones (prefill), where it is ~13% faster at 512 rows. Each row's result
+is the same whatever the row count within each kernel's range, but the two kernels round differently.
 
 Eager, the choice is made per call (`eager`). Compiled decode steps of few rows call the quantized
 kernels inside the graph itself (their weights are plain tensors, unlike oneDNN's), with no custom-op
@@ -47,10 +53,14 @@ from collections.abc import Iterator
 
 import torch
 
+from kestrel.kernels import cpu_bf16_gemm
 from kestrel.kernels.cpu_quant import QuantizedWeight, quantized_linear
 
 # Batch-size hint for the packed layout; any batch size works with any hint.
 _HINT_BATCH = 16
+QUANTIZED_ROWS_BESIDE_BF16 = 4
+"""With the bf16 small-matmul kernel beside it, the quantized kernel runs at most this many rows: above,
+the bf16 kernel is faster (SmolLM2's layers at 8 rows, 2-core Zen 4: int4 14 ms, bf16 kernel 12-13)."""
 
 _KERNELS: weakref.WeakValueDictionary[int, PackedLinear] = weakref.WeakValueDictionary()
 """handle -> kernel, for the custom op a compiled graph calls."""
@@ -121,10 +131,18 @@ class PackedLinear:
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), _HINT_BATCH)
         self.bias = None if bias is None else bias.detach().contiguous()
         self.small = None if quantized is None else quantized_linear(quantized)
-        """The quantized kernel for matmuls of up to `small.max_rows` rows, or None."""
+        """The quantized kernel, for matmuls of up to `quantized_rows` rows, or None."""
         if self.small is not None and (self.small.out_features, self.small.in_features) != tuple(weight.shape):
             raise ValueError(f"quantized weight of shape {(self.small.out_features, self.small.in_features)} "
                              f"does not match the weight's {tuple(weight.shape)}")
+        self.bf16 = None
+        """The weight in `cpu_bf16_gemm`'s layout, for bf16 matmuls of up to `cpu_bf16_gemm.MAX_ROWS` rows."""
+        if cpu_bf16_gemm.supports(weight) and cpu_bf16_gemm.use():
+            self.bf16 = cpu_bf16_gemm.pack(weight, bias)
+        self.quantized_rows = 0 if self.small is None else self.small.max_rows
+        """Matmuls of up to this many rows run on the quantized weight."""
+        if self.bf16 is not None:
+            self.quantized_rows = min(self.quantized_rows, QUANTIZED_ROWS_BESIDE_BF16)
         self.refine_top_k = min(refine_top_k, self.out_features) if self.small is not None else 0
         self.plain = weight.detach() if self.refine_top_k else None  # [out, in], for the refined outputs
         key = next(_NEXT_HANDLE)
@@ -141,8 +159,10 @@ class PackedLinear:
 
     def eager(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if self.small is not None and 0 < rows <= self.small.max_rows:
+        if 0 < rows <= self.quantized_rows:
             return self._quantized(x)
+        if self.bf16 is not None and 0 < rows <= cpu_bf16_gemm.MAX_ROWS:
+            return cpu_bf16_gemm.linear(x, self.bf16)
         if x.numel() == self.in_features:  # one row: run it as two (see the module docstring)
             out = self._matmul(x.reshape(1, -1).expand(2, -1).contiguous())[:1]
             return out.view(*x.shape[:-1], self.out_features)

@@ -16,7 +16,7 @@ no size-1 specialisation forces a second compile. Prefill and mixed steps stay e
 decode step compiles (tens of seconds on 2 cores; inductor caches the result on disk, so a later
 process with the same model and torch starts faster); `warmup()` does that at start-up.
 
-With `--cpu-quantized-decode`, steps of up to `QUANTIZED_MAX_ROWS` rows take a second graph that calls
+With `--cpu-quantized-decode`, steps of up to `quantized_max_rows` rows take a second graph that calls
 the int4 / int8 kernels in the graph itself (`kernels/cpu_linear.quantized_graphs`), and a lone request
 is not padded: it gets a third graph, of one row (the int4 kernel's time grows with the rows: ~25%
 from one to two). `warmup()` compiles them all. Once warm, steps run with dynamo's guard evaluation
@@ -36,14 +36,11 @@ import torch
 from kestrel.attention import AttentionContext, BatchLayout
 from kestrel.attention.slot_decode import SlotDecodeAttention, SlotDecodeMeta
 from kestrel.kernels.cpu_linear import quantized_graphs
-from kestrel.kernels.cpu_quant import Int4Linear
 
 logger = logging.getLogger(__name__)
 
 MIN_ROWS = 2
 """Smallest batch the graph runs (a single request gets a padding row)."""
-QUANTIZED_MAX_ROWS = Int4Linear.max_rows
-"""Steps of at most this many rows (padding included) take the quantized graph, when there is one."""
 FUSED_LOOP_THREADS = 1
 """Threads of inductor's fused loops (the matmuls keep torch's threads). At decode sizes they are
 microseconds of work, and an OpenMP region costs barriers: on a 2-core machine shared with the API,
@@ -62,8 +59,11 @@ class CompiledDecodeRunner:
         options = {"cpp.threads": FUSED_LOOP_THREADS}
         self._layer = torch.compile(_layer_step, fullgraph=True, options=options)
         self._head = torch.compile(_head_step, fullgraph=True, options=options)
-        self.quantized = any(getattr(getattr(m, "kernel", None), "small", None) is not None for m in model.modules())
-        """Some layers have a quantized weight (`--cpu-quantized-decode`): small steps take its graph."""
+        self.quantized_max_rows = max((getattr(getattr(m, "kernel", None), "quantized_rows", 0)
+                                       for m in model.modules()), default=0)
+        """Steps of at most this many rows (padding included) take the graph of the quantized weights
+        (`--cpu-quantized-decode`; `cpu_linear.PackedLinear.quantized_rows`); 0: no layer has one."""
+        self.quantized = self.quantized_max_rows > 0
         self._warm = False
         self.num_runs = 0
         """Decode steps run compiled (for tests and logs)."""
@@ -74,15 +74,15 @@ class CompiledDecodeRunner:
     def warmup(self) -> float:
         """Compile now, on fake decode steps (they write only the spare slot); returns seconds.
 
-        Two rows; with quantized weights also one row and `QUANTIZED_MAX_ROWS + 1` rows (the fp graph)
+        Two rows; with quantized weights also one row and `quantized_max_rows + 1` rows (the other graph)
         when the batch can be that large.
         """
         start = time.perf_counter()
         sizes = [MIN_ROWS]
         if self.quantized:
             sizes.append(1)
-            if self.max_batch_size > QUANTIZED_MAX_ROWS:
-                sizes.append(QUANTIZED_MAX_ROWS + 1)
+            if self.max_batch_size > self.quantized_max_rows:
+                sizes.append(self.quantized_max_rows + 1)
         i32 = dict(dtype=torch.int32, device=self.device)
         for rows in sizes:
             width = rows + 3  # width != rows: the two dimensions get their own symbols
@@ -118,7 +118,7 @@ class CompiledDecodeRunner:
         return self._run(token_ids, positions, SlotDecodeMeta(slot_mapping, kv_index, mask))[:r]
 
     def _run(self, token_ids, positions, meta: SlotDecodeMeta, mark: bool = False) -> torch.Tensor:
-        small = self.quantized and token_ids.shape[0] <= QUANTIZED_MAX_ROWS
+        small = self.quantized and token_ids.shape[0] <= self.quantized_max_rows
         with quantized_graphs(small):
             if self._warm:
                 try:

@@ -32,6 +32,7 @@ from kestrel.worker.inputs import InputStager
 from kestrel.worker.piecewise_graphs import PiecewiseGraphRunner
 from kestrel.worker.sampler import Sampler, SamplerOutput, SamplingRow
 from kestrel.worker.compiled_decode import CompiledDecodeRunner
+from kestrel.worker.compiled_prefill import CompiledPrefillRunner
 from kestrel.worker.cuda_graphs import CudaGraphRunner
 from kestrel.worker.sizing import (cap_max_model_len, resolve_backend, resolve_device, resolve_dtype,
                                    resolve_max_model_len, resolve_num_slots)
@@ -103,6 +104,10 @@ class Worker:
         if self.device.type == "cpu" and config.compile_decode:
             self.compiled = CompiledDecodeRunner(self.model, self.kv_caches, config.max_num_seqs, self.device)
             self.compiled.warmup()
+        self.compiled_prefill: CompiledPrefillRunner | None = None
+        if self.device.type == "cpu" and config.compile_prefill and isinstance(self.model.model, DecoderModel):
+            self.compiled_prefill = CompiledPrefillRunner(self.model, self.device)
+            self.compiled_prefill.warmup()
         self.info = WorkerInfo(max_model_len, num_slots, str(self.dtype).removeprefix("torch."),
                                str(self.device), self.backend.name)
 
@@ -144,6 +149,8 @@ class Worker:
             ctx = AttentionContext(self.backend, self.backend.prepare(layout), self.kv_caches)
             if self.mixed_graphs is not None and self.mixed_graphs.can_run(layout):
                 hidden = self.mixed_graphs.run(token_ids, inputs.positions, ctx)  # [T, hidden]
+            elif self.compiled_prefill is not None and self.compiled_prefill.can_run(layout):
+                hidden = self.compiled_prefill.run(token_ids, inputs.positions, ctx)  # [T, hidden]
             else:
                 hidden = self.model(token_ids, inputs.positions, ctx)  # [T, hidden]
             if not batch.sample_rows:

@@ -107,3 +107,12 @@ def test_allocator_all_or_nothing_and_integrity():
     alloc.check_integrity([])
     with pytest.raises(AssertionError):
         alloc.check_integrity([0])  # claims a free slot is in use
+
+
+def test_allocator_hands_out_runs_in_ascending_order():
+    alloc = SlotAllocator(10)
+    a, b = alloc.allocate(4), alloc.allocate(3)
+    assert a == [0, 1, 2, 3] and b == [4, 5, 6]  # a fresh pool: forward runs, as attention reads them
+    alloc.free(a)
+    assert alloc.allocate(4) == [0, 1, 2, 3]  # a run freed together comes back forward
+    assert alloc.allocate(2) == [7, 8]

@@ -38,8 +38,9 @@ is the same whatever the row count within each kernel's range, but the two kerne
 
 Eager, the choice is made per call (`eager`). Compiled decode steps of few rows call the quantized
 kernels inside the graph itself (their weights are plain tensors, unlike oneDNN's), with no custom-op
-wrapper around them (~30 us a call from Python): the decode runner says which graph a step takes
-(`quantized_graphs`), and torch.compile keeps one graph for each answer. Results then depend slightly
+wrapper around them (~30 us a call from Python), and so do steps of up to `cpu_bf16_gemm.MAX_ROWS` rows
+with the bf16 kernel's op: the decode runner says which graph a step takes (`graph_rows`), and
+torch.compile keeps one graph for each answer. Results then depend slightly
 on a step's row count (which kernel ran).
 """
 
@@ -65,23 +66,27 @@ the bf16 kernel is faster (SmolLM2's layers at 8 rows, 2-core Zen 4: int4 14 ms,
 _KERNELS: weakref.WeakValueDictionary[int, PackedLinear] = weakref.WeakValueDictionary()
 """handle -> kernel, for the custom op a compiled graph calls."""
 _NEXT_HANDLE = itertools.count()
-_QUANTIZED_GRAPH = False
-"""While tracing: the graph is for a step of few rows, so kernels with a quantized weight run it in-graph."""
+_GRAPH_ROWS = "any"
+"""While tracing: the row range of the step the graph is for (see `graph_rows`)."""
 
 
 @contextlib.contextmanager
-def quantized_graphs(enabled: bool) -> Iterator[None]:
-    """Compiled calls inside take (or trace) the graph whose kernels run their quantized weight.
+def graph_rows(kind: str) -> Iterator[None]:
+    """Compiled calls inside take (or trace) the graph for steps of this many rows:
 
-    The compiled decode runner enters this for steps of at most `QUANTIZED_MAX_ROWS` rows;
-    torch.compile guards on the flag, so the two kinds of step keep a graph each.
+    - "quantized": at most the kernels' `quantized_rows` (the quantized kernels run in the graph);
+    - "small": at most `cpu_bf16_gemm.MAX_ROWS` (bf16 weights run `cpu_bf16_gemm`'s op in the graph);
+    - "any": every matmul goes through `kestrel::packed_linear`, which picks per call.
+
+    The compiled decode runner enters this per step; torch.compile guards on it, so each kind of step
+    keeps a graph of its own.
     """
-    global _QUANTIZED_GRAPH
-    before, _QUANTIZED_GRAPH = _QUANTIZED_GRAPH, enabled
+    global _GRAPH_ROWS
+    before, _GRAPH_ROWS = _GRAPH_ROWS, kind
     try:
         yield
     finally:
-        _QUANTIZED_GRAPH = before
+        _GRAPH_ROWS = before
 
 
 def packing_supported(dtype: torch.dtype, device: torch.device) -> bool:
@@ -152,8 +157,10 @@ class PackedLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in] -> [..., out]
         if torch.compiler.is_compiling():
-            if self.small is not None and _QUANTIZED_GRAPH:
+            if self.small is not None and _GRAPH_ROWS == "quantized":
                 return self._quantized(x)
+            if self.bf16 is not None and _GRAPH_ROWS in ("quantized", "small"):
+                return cpu_bf16_gemm.linear(x, self.bf16)  # the C++ op itself: no Python wrapper per call
             return torch.ops.kestrel.packed_linear(x, self.handle, self.out_features)
         return self.eager(x)
 

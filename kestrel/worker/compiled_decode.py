@@ -17,13 +17,14 @@ decode step compiles (tens of seconds on 2 cores; inductor caches the result on 
 process with the same model and torch starts faster); `warmup()` does that at start-up.
 
 With `--cpu-quantized-decode`, steps of up to `quantized_max_rows` rows take a second graph that calls
-the int4 / int8 kernels in the graph itself (`kernels/cpu_linear.quantized_graphs`), and a lone request
+the int4 / int8 kernels in the graph itself (`kernels/cpu_linear.graph_rows`), and a lone request
 is not padded: it gets a third graph, of one row (the int4 kernel's time grows with the rows: ~25%
-from one to two). `warmup()` compiles them all. Once warm, steps run with dynamo's guard evaluation
-skipped except for the guards that tell the graphs apart (`skip_guard_eval_unsafe`): every step's
-inputs have the dtypes, devices and dynamic dimensions the graphs were compiled for, and evaluating
-the full guards of 31 calls cost
-~2 ms of a ~20 ms batch-1 step (64 us a call on a 2-core Zen 4).
+from one to two). With bf16 weights on AVX512-BF16, steps of up to `cpu_bf16_gemm.MAX_ROWS` rows take a
+graph that calls that kernel's C++ op directly. `warmup()` compiles them all. Once warm, steps run with
+dynamo's guard evaluation skipped except for the guards that tell the graphs apart
+(`skip_guard_eval_unsafe`): every step's inputs have the dtypes, devices and dynamic dimensions the
+graphs were compiled for, and evaluating the full guards of 31 calls cost ~2 ms of a ~20 ms batch-1
+step (64 us a call on a 2-core Zen 4).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ import torch
 
 from kestrel.attention import AttentionContext, BatchLayout
 from kestrel.attention.slot_decode import SlotDecodeAttention, SlotDecodeMeta
-from kestrel.kernels.cpu_linear import quantized_graphs
+from kestrel.kernels import cpu_bf16_gemm
+from kestrel.kernels.cpu_linear import graph_rows
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +66,8 @@ class CompiledDecodeRunner:
         """Steps of at most this many rows (padding included) take the graph of the quantized weights
         (`--cpu-quantized-decode`; `cpu_linear.PackedLinear.quantized_rows`); 0: no layer has one."""
         self.quantized = self.quantized_max_rows > 0
+        self.small_bf16 = any(getattr(getattr(m, "kernel", None), "bf16", None) is not None for m in model.modules())
+        """bf16 weights in `cpu_bf16_gemm`'s layout: steps of up to its MAX_ROWS rows call its op in the graph."""
         self._warm = False
         self.num_runs = 0
         """Decode steps run compiled (for tests and logs)."""
@@ -74,15 +78,16 @@ class CompiledDecodeRunner:
     def warmup(self) -> float:
         """Compile now, on fake decode steps (they write only the spare slot); returns seconds.
 
-        Two rows; with quantized weights also one row and `quantized_max_rows + 1` rows (the other graph)
-        when the batch can be that large.
+        One step of each kind the batch can be (`_graph_rows`): two rows; with quantized weights also one
+        row and `quantized_max_rows + 1` rows; with the bf16 kernel, `cpu_bf16_gemm.MAX_ROWS + 1` rows.
         """
         start = time.perf_counter()
         sizes = [MIN_ROWS]
         if self.quantized:
-            sizes.append(1)
-            if self.max_batch_size > self.quantized_max_rows:
-                sizes.append(self.quantized_max_rows + 1)
+            sizes += [1, self.quantized_max_rows + 1]
+        if self.small_bf16:
+            sizes.append(cpu_bf16_gemm.MAX_ROWS + 1)
+        sizes = sorted({rows for rows in sizes if rows <= max(self.max_batch_size, MIN_ROWS)})
         i32 = dict(dtype=torch.int32, device=self.device)
         for rows in sizes:
             width = rows + 3  # width != rows: the two dimensions get their own symbols
@@ -118,8 +123,7 @@ class CompiledDecodeRunner:
         return self._run(token_ids, positions, SlotDecodeMeta(slot_mapping, kv_index, mask))[:r]
 
     def _run(self, token_ids, positions, meta: SlotDecodeMeta, mark: bool = False) -> torch.Tensor:
-        small = self.quantized and token_ids.shape[0] <= self.quantized_max_rows
-        with quantized_graphs(small):
+        with graph_rows(self._graph_rows(token_ids.shape[0])):
             if self._warm:
                 try:
                     with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
@@ -131,6 +135,14 @@ class CompiledDecodeRunner:
                                    e)
                     self._warm = False  # the step reruns whole: its KV writes are the same values again
             return self._forward(token_ids, positions, meta, mark)
+
+    def _graph_rows(self, rows: int) -> str:
+        """Which graph a step of `rows` rows takes (`cpu_linear.graph_rows`)."""
+        if self.quantized and rows <= self.quantized_max_rows:
+            return "quantized"
+        if self.small_bf16 and rows <= cpu_bf16_gemm.MAX_ROWS:
+            return "small"
+        return "any"
 
     def _forward(self, token_ids, positions, meta: SlotDecodeMeta, mark: bool) -> torch.Tensor:
         decoder = self.model.model

@@ -23,6 +23,7 @@ The same build carries the bf16 prefill kernel of `cpu_prefill_attention.py`.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import time
@@ -327,10 +328,15 @@ def load() -> bool:
 
         from kestrel.kernels import cpu_bf16_gemm, cpu_prefill_attention
 
-        name = f"kestrel_cpu_attention_{_isa_tag()}"
+        sources = [_SOURCE, cpu_prefill_attention.SOURCE, cpu_bf16_gemm.SOURCE]
+        cflags = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
+        # One build folder per CPU kind and per source text: two checkouts (or a test run beside an edit)
+        # with different kernels never rebuild over each other's library.
+        digest = hashlib.sha1("\0".join(sources + cflags).encode()).hexdigest()[:8]
+        name = f"kestrel_cpu_attention_{_isa_tag()}_{digest}"
         _clear_stale_lock(name)
-        load_inline(name, cpp_sources=[_SOURCE, cpu_prefill_attention.SOURCE, cpu_bf16_gemm.SOURCE],
-                    extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"],
+        load_inline(name, cpp_sources=sources,
+                    extra_cflags=cflags,
                     extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
     except Exception as e:  # no compiler, no ninja, ...: the torch path stays
         logger.warning("CPU decode-attention kernel unavailable (%s); using the torch path", e)
@@ -366,8 +372,6 @@ def _clear_stale_lock(name: str) -> None:
 def _isa_tag() -> str:
     """A short hash of the CPU's feature flags: the build uses -march=native, so a cache directory shared by
     different CPUs must not hand one's build to another."""
-    import hashlib
-
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line for line in f if line.startswith("flags")), "")

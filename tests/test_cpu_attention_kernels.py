@@ -51,6 +51,8 @@ def test_prefill_kernel_matches_fp32_sdpa(n_q, s, heads, kv_heads, head_dim):
     ([37, 5, 16], 9, 3, 64),       # partial and whole 16-key blocks, padded rows
     ([300, 129], 32, 8, 128),      # head dim 128, GQA 4
     ([20, 3], 4, 4, 64),           # no GQA
+    ([37, 5, 16, 1, 64, 20], 9, 3, 64),    # requests enough for one item per request (all KV heads)
+    ([33, 7, 100, 2, 9], 32, 8, 128),       # the same, head dim 128
 ])
 def test_bf16_decode_kernel_matches_fp32_sdpa(seq_lens, heads, kv_heads, head_dim):
     gen = torch.Generator().manual_seed(sum(seq_lens))

@@ -6,7 +6,10 @@ keys read straight from the KV pool through the slot indices (no gathered copy),
 are summed with the softmax weights, in fp32 whatever the cache dtype (bf16 is widened by a shift).
 bf16 caches on a CPU with AVX512-BF16 (head dim 64 / 128) take an intrinsics path instead: q . k by
 `vdpbf16ps` on the raw bf16 rows, 16 keys' sums reduced at once, the exp 16 lanes at a time: 2.8x
-the portable loops (7 requests x 560 keys: 390 -> 140 us a layer on a 2-core Zen 4).
+the portable loops (7 requests x 560 keys: 390 -> 140 us a layer on a 2-core Zen 4). With at least
+two requests per thread its work item is a whole request (all KV heads), so each slot row is read
+front to back: from memory, one head's 128 bytes of every 384-byte row ran at ~9 GB/s and whole rows
+at ~15 (16 requests x 300 keys: 417 -> 256 us; `benchmarks/cpu/decode_attention_dram.py`).
 Work items are spread over torch's intra-op threads when there are enough of them.
 
 Why C++: inductor's loops for the same maths (`attention/slot_decode.py`) took 130 us a layer for
@@ -182,51 +185,61 @@ inline __m512 exp512(__m512 x) {  // exp_nonpositive, 16 lanes (2^n applied by s
 }
 
 // bf16 caches on AVX512-BF16: q . k by `vdpbf16ps` on the raw bf16 rows, 16 keys' sums at once
-// (sum16), the exp 16 lanes at a time; values widened to fp32 for the weighted sum.
+// (sum16), the exp 16 lanes at a time; values widened to fp32 for the weighted sum. A work item is
+// one request and `HP` of its KV heads: all of them when there are requests enough to keep every
+// thread busy, so an item reads whole slot rows front to back (one head's part of each row is a
+// strided gather that ran at ~10 GB/s from memory where whole rows stream), else one head.
 template <int64_t D>
 void decode_bf16(const uint16_t* q, const uint16_t* kc, const uint16_t* vc, const int64_t* index, const bool* mask,
                  uint16_t* out, int64_t R, int64_t H, int64_t KH, int64_t L, int64_t slot_stride,
                  int64_t head_stride, float scale) {
   constexpr int64_t NV = D / 32, NF = D / 16;  // bf16 / fp32 vectors a row
   const int64_t G = H / KH, LP = (L + 15) / 16 * 16;
-  const int64_t grain = std::max<int64_t>(1, 1024 / std::max<int64_t>(1, L * G));
-  at::parallel_for(0, R * KH, grain, [&](int64_t begin, int64_t end) {
-    std::vector<__m512bh> qv(G * NV);
-    std::vector<__m512> part(G * 16), acc(G * NF);
-    std::vector<float> scores(G * LP);
+  const int64_t HP = R >= 2 * at::get_num_threads() ? KH : 1;  // KV heads an item
+  const int64_t NH = HP * G;                                    // query heads an item
+  const int64_t items_per_req = KH / HP;
+  const int64_t grain = std::max<int64_t>(1, 1024 / std::max<int64_t>(1, L * NH));
+  at::parallel_for(0, R * items_per_req, grain, [&](int64_t begin, int64_t end) {
+    std::vector<__m512bh> qv(NH * NV);
+    std::vector<__m512> part(NH * 16), acc(NH * NF);
+    std::vector<float> scores(NH * LP);
     const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t r = item / KH, kh = item % KH;
-      for (int64_t g = 0; g < G; ++g)
+      const int64_t r = item / items_per_req, kh0 = (item % items_per_req) * HP;
+      // query heads kh0 * G .. (kh0 + HP) * G: consecutive in q's row
+      for (int64_t h = 0; h < NH; ++h)
         for (int64_t v = 0; v < NV; ++v)
-          qv[g * NV + v] = (__m512bh)_mm512_loadu_si512(q + (r * H + kh * G + g) * D + 32 * v);
+          qv[h * NV + v] = (__m512bh)_mm512_loadu_si512(q + (r * H + kh0 * G + h) * D + 32 * v);
       const int64_t* idx = index + r * L;
       const bool* attend = mask + r * L;
       for (int64_t l0 = 0; l0 < L; l0 += 16) {
         const int64_t n = std::min<int64_t>(16, L - l0);
         for (int64_t j = 0; j < 16; ++j) {
           if (j >= n) {
-            for (int64_t g = 0; g < G; ++g) part[g * 16 + j] = _mm512_setzero_ps();
+            for (int64_t h = 0; h < NH; ++h) part[h * 16 + j] = _mm512_setzero_ps();
             continue;
           }
-          const uint16_t* k = kc + idx[l0 + j] * slot_stride + kh * head_stride;
-          __m512bh kv[NV];
-          for (int64_t v = 0; v < NV; ++v) kv[v] = (__m512bh)_mm512_loadu_si512(k + 32 * v);
-          for (int64_t g = 0; g < G; ++g) {
-            __m512 a = _mm512_dpbf16_ps(_mm512_setzero_ps(), qv[g * NV], kv[0]);
-            for (int64_t v = 1; v < NV; ++v) a = _mm512_dpbf16_ps(a, qv[g * NV + v], kv[v]);
-            part[g * 16 + j] = a;
+          const uint16_t* row = kc + idx[l0 + j] * slot_stride + kh0 * head_stride;
+          for (int64_t p = 0; p < HP; ++p) {
+            __m512bh kv[NV];
+            for (int64_t v = 0; v < NV; ++v) kv[v] = (__m512bh)_mm512_loadu_si512(row + p * head_stride + 32 * v);
+            for (int64_t g = 0; g < G; ++g) {
+              const int64_t h = p * G + g;
+              __m512 a = _mm512_dpbf16_ps(_mm512_setzero_ps(), qv[h * NV], kv[0]);
+              for (int64_t v = 1; v < NV; ++v) a = _mm512_dpbf16_ps(a, qv[h * NV + v], kv[v]);
+              part[h * 16 + j] = a;
+            }
           }
         }
         __mmask16 seen = 0;
         for (int64_t j = 0; j < n; ++j) seen |= static_cast<__mmask16>(attend[l0 + j]) << j;
-        for (int64_t g = 0; g < G; ++g) {
-          const __m512 sc = _mm512_mul_ps(sum16(part.data() + g * 16), _mm512_set1_ps(scale));
-          _mm512_storeu_ps(scores.data() + g * LP + l0, _mm512_mask_mov_ps(ninf, seen, sc));
+        for (int64_t h = 0; h < NH; ++h) {
+          const __m512 sc = _mm512_mul_ps(sum16(part.data() + h * 16), _mm512_set1_ps(scale));
+          _mm512_storeu_ps(scores.data() + h * LP + l0, _mm512_mask_mov_ps(ninf, seen, sc));
         }
       }
-      for (int64_t g = 0; g < G; ++g) {  // softmax weights, unnormalised; padding lanes are -inf -> ~0
-        float* sg = scores.data() + g * LP;
+      for (int64_t h = 0; h < NH; ++h) {  // softmax weights, unnormalised; padding lanes are -inf -> ~0
+        float* sg = scores.data() + h * LP;
         __m512 mx = ninf;
         for (int64_t l = 0; l < LP; l += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(sg + l));
         const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
@@ -238,24 +251,27 @@ void decode_bf16(const uint16_t* q, const uint16_t* kc, const uint16_t* vc, cons
         }
         const float total = _mm512_reduce_add_ps(sum);
         for (int64_t l = 0; l < LP; ++l) sg[l] /= total;
-        for (int64_t f = 0; f < NF; ++f) acc[g * NF + f] = _mm512_setzero_ps();
+        for (int64_t f = 0; f < NF; ++f) acc[h * NF + f] = _mm512_setzero_ps();
       }
       for (int64_t l = 0; l < L; ++l) {  // weights times values
         if (!attend[l]) continue;
-        const uint16_t* v = vc + idx[l] * slot_stride + kh * head_stride;
-        __m512 vf[NF];
-        for (int64_t f = 0; f < NF; ++f)
-          vf[f] = _mm512_castsi512_ps(_mm512_slli_epi32(
-              _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + 16 * f))), 16));
-        for (int64_t g = 0; g < G; ++g) {
-          const __m512 p = _mm512_set1_ps(scores[g * LP + l]);
-          for (int64_t f = 0; f < NF; ++f) acc[g * NF + f] = _mm512_fmadd_ps(p, vf[f], acc[g * NF + f]);
+        const uint16_t* row = vc + idx[l] * slot_stride + kh0 * head_stride;
+        for (int64_t p = 0; p < HP; ++p) {
+          __m512 vf[NF];
+          for (int64_t f = 0; f < NF; ++f)
+            vf[f] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + p * head_stride + 16 * f))), 16));
+          for (int64_t g = 0; g < G; ++g) {
+            const int64_t h = p * G + g;
+            const __m512 w = _mm512_set1_ps(scores[h * LP + l]);
+            for (int64_t f = 0; f < NF; ++f) acc[h * NF + f] = _mm512_fmadd_ps(w, vf[f], acc[h * NF + f]);
+          }
         }
       }
-      for (int64_t g = 0; g < G; ++g) {
-        uint16_t* o = out + (r * H + kh * G + g) * D;
+      for (int64_t h = 0; h < NH; ++h) {
+        uint16_t* o = out + (r * H + kh0 * G + h) * D;
         for (int64_t f = 0; f < NF; ++f)
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 16 * f), (__m256i)_mm512_cvtneps_pbh(acc[g * NF + f]));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 16 * f), (__m256i)_mm512_cvtneps_pbh(acc[h * NF + f]));
       }
     }
   });

@@ -20,7 +20,7 @@ from kestrel.attention.torch_backend import DecodeGroup, TorchAttentionBackend
 from kestrel.config import EngineConfig
 from kestrel.engine import Engine
 from kestrel.kernels import cpu_bf16_gemm
-from kestrel.sampling_params import SamplingParams
+from engine_runs import run_staggered
 from tests.conftest import make_tiny_hf_model
 
 
@@ -51,25 +51,6 @@ def test_slot_decode_backend_stores_the_new_keys_first():
     torch.testing.assert_close(out[0], v[0].expand(2, 4))  # one key: the output is its value
 
 
-def _generate(engine: Engine, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    got: dict[str, list[int]] = {}
-    # Staggered arrivals: decode batches of every size from 1 up, prefills mixed into some steps.
-    pending = [(f"r{i}", ids) for i, ids in enumerate(prompts)]
-    while pending or engine.has_unfinished_requests():
-        if pending:
-            rid, ids = pending.pop(0)
-            engine.add_request(rid, ids, params)
-        for out in engine.step():
-            got.setdefault(out.request_id, []).extend(out.new_token_ids)
-        if len(pending) == len(prompts) - 1:  # the first request decodes alone for a few steps
-            for _ in range(3):
-                for out in engine.step():
-                    got.setdefault(out.request_id, []).extend(out.new_token_ids)
-    engine.check_integrity()
-    return [got[f"r{i}"] for i in range(len(prompts))]
-
-
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_compiled_decode_gives_the_eager_tokens_and_compiles_once(tmp_path, arch):
     path = str(tmp_path / arch)
@@ -77,12 +58,12 @@ def test_compiled_decode_gives_the_eager_tokens_and_compiles_once(tmp_path, arch
     rng = random.Random(1)
     prompts = [[rng.randrange(3, 128) for _ in range(rng.randrange(1, 40))] for _ in range(5)]
     config = dict(model=path, show_progress=False, num_kv_slots=80, max_num_seqs=8)
-    eager = _generate(Engine(EngineConfig(**config)), prompts, 24)
+    eager = run_staggered(Engine(EngineConfig(**config)), prompts, 24, solo_steps=3)
     torch._dynamo.reset()
     engine = Engine(EngineConfig(**config, compile_decode=True))
     runner = engine.executor.worker.compiled
     frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    compiled = _generate(engine, prompts, 24)
+    compiled = run_staggered(engine, prompts, 24, solo_steps=3)
     assert compiled == eager
     assert engine.scheduler.num_preemptions > 0  # the small pool made requests recompute
     assert runner.num_runs > 0
@@ -96,13 +77,13 @@ def test_bf16_decode_graph_calls_the_small_matmul_kernel(tmp_path):
     rng = random.Random(3)
     prompts = [[rng.randrange(3, 128) for _ in range(rng.randrange(1, 30))] for _ in range(6)]
     config = dict(model=path, show_progress=False, max_num_seqs=8, dtype="bfloat16")
-    eager = _generate(Engine(EngineConfig(**config)), prompts, 16)
+    eager = run_staggered(Engine(EngineConfig(**config)), prompts, 16, solo_steps=3)
     torch._dynamo.reset()
     engine = Engine(EngineConfig(**config, compile_decode=True))
     runner = engine.executor.worker.compiled
     assert runner.small_bf16 and runner._graph_rows(6) == "small"
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    compiled = _generate(engine, prompts, 16)
+    compiled = run_staggered(engine, prompts, 16, solo_steps=3)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # no recompilation
     # bf16: fused loops round differently from eager ops, so a near-tie may flip; most tokens agree
     same = sum(a == b for e, c in zip(eager, compiled) for a, b in zip(e, c))

@@ -15,22 +15,8 @@ import torch
 
 from kestrel.config import EngineConfig
 from kestrel.engine import Engine
-from kestrel.sampling_params import SamplingParams
+from engine_runs import run_staggered
 from tests.conftest import make_tiny_hf_model
-
-
-def _generate(engine: Engine, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    got: dict[str, list[int]] = {}
-    pending = [(f"r{i}", ids) for i, ids in enumerate(prompts)]
-    while pending or engine.has_unfinished_requests():
-        if pending:
-            rid, ids = pending.pop(0)
-            engine.add_request(rid, ids, params)
-        for out in engine.step():
-            got.setdefault(out.request_id, []).extend(out.new_token_ids)
-    engine.check_integrity()
-    return [got[f"r{i}"] for i in range(len(prompts))]
 
 
 @pytest.mark.parametrize("arch, compile_decode", [("llama", False), ("qwen2", True)])
@@ -41,12 +27,12 @@ def test_compiled_prefill_gives_the_eager_tokens_and_compiles_once(tmp_path, arc
     prompts = [[rng.randrange(3, 128) for _ in range(n)] for n in (60, 1, 23, 9, 41, 2)]
     config = dict(model=path, show_progress=False, max_num_seqs=8, max_num_batched_tokens=24,
                   enable_prefix_caching=False)
-    eager = _generate(Engine(EngineConfig(**config)), prompts, 12)
+    eager = run_staggered(Engine(EngineConfig(**config)), prompts, 12)
     torch._dynamo.reset()
     engine = Engine(EngineConfig(**config, compile_prefill=True, compile_decode=compile_decode))
     runner = engine.executor.worker.compiled_prefill
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    compiled = _generate(engine, prompts, 12)
+    compiled = run_staggered(engine, prompts, 12)
     assert compiled == eager
     assert runner.num_runs > 0
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # no recompilation

@@ -21,10 +21,8 @@ the int4 / int8 kernels in the graph itself (`kernels/cpu_linear.graph_rows`), a
 is not padded: it gets a third graph, of one row (the int4 kernel's time grows with the rows: ~25%
 from one to two). With bf16 weights on AVX512-BF16, steps of up to `cpu_bf16_gemm.MAX_ROWS` rows take a
 graph that calls that kernel's C++ op directly. `warmup()` compiles them all. Once warm, steps run with
-dynamo's guard evaluation skipped except for the guards that tell the graphs apart
-(`skip_guard_eval_unsafe`): every step's inputs have the dtypes, devices and dynamic dimensions the
-graphs were compiled for, and evaluating the full guards of 31 calls cost ~2 ms of a ~20 ms batch-1
-step (64 us a call on a 2-core Zen 4).
+dynamo's guard evaluation skipped except for the guards that tell the graphs apart (`unguarded.py`):
+every step's inputs have the dtypes, devices and dynamic dimensions the graphs were compiled for.
 """
 
 from __future__ import annotations
@@ -38,6 +36,7 @@ from kestrel.attention import AttentionContext, BatchLayout
 from kestrel.attention.slot_decode import SlotDecodeAttention, SlotDecodeMeta
 from kestrel.kernels import cpu_bf16_gemm
 from kestrel.kernels.cpu_linear import graph_rows
+from kestrel.worker.unguarded import UnguardedCalls
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +67,7 @@ class CompiledDecodeRunner:
         self.quantized = self.quantized_max_rows > 0
         self.small_bf16 = any(getattr(getattr(m, "kernel", None), "bf16", None) is not None for m in model.modules())
         """bf16 weights in `cpu_bf16_gemm`'s layout: steps of up to its MAX_ROWS rows call its op in the graph."""
-        self._warm = False
+        self._calls = UnguardedCalls("decode step")
         self.num_runs = 0
         """Decode steps run compiled (for tests and logs)."""
 
@@ -96,7 +95,7 @@ class CompiledDecodeRunner:
                                       torch.zeros(rows, width, dtype=torch.int64, device=self.device),
                                       torch.ones(rows, width, dtype=torch.bool, device=self.device))
                 self._run(torch.zeros(rows, **i32), torch.zeros(rows, **i32), meta, mark=True)
-        self._warm = True
+        self._calls.warm = True
         elapsed = time.perf_counter() - start
         logger.info("compiled the CPU decode step in %.1f s (%d graph%s)", elapsed, len(sizes),
                     "s" if len(sizes) > 1 else "")
@@ -124,17 +123,8 @@ class CompiledDecodeRunner:
 
     def _run(self, token_ids, positions, meta: SlotDecodeMeta, mark: bool = False) -> torch.Tensor:
         with graph_rows(self._graph_rows(token_ids.shape[0])):
-            if self._warm:
-                try:
-                    with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-                        return self._forward(token_ids, positions, meta, mark)
-                except RuntimeError as e:  # a call no graph fits (dynamo refuses to recompile in this stance)
-                    if "skip_guard_eval_unsafe" not in str(e):
-                        raise
-                    logger.warning("a compiled decode step needs a new graph (%s); guards are evaluated from now on",
-                                   e)
-                    self._warm = False  # the step reruns whole: its KV writes are the same values again
-            return self._forward(token_ids, positions, meta, mark)
+            # A step that falls back reruns whole: its KV writes are the same values again.
+            return self._calls(self._forward, token_ids, positions, meta, mark)
 
     def _graph_rows(self, rows: int) -> str:
         """Which graph a step of `rows` rows takes (`cpu_linear.graph_rows`)."""

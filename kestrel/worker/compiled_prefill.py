@@ -17,9 +17,10 @@ between two attention calls:
 
 Every layer's piece shares one graph (the two layers' parameters are its inputs), and the token
 count is a dynamic dimension: one compile (~20 s on 2 cores, cached on disk by inductor), done by
-`warmup()` at start-up. Steps of at least `MIN_TOKENS` tokens that are not pure decodes take it
-(a decode step has its own runner, `compiled_decode.py`, or runs eagerly). Fused loops reorder
-float arithmetic (~1 ulp), so the path is opt-in (`--compile-prefill`) like `--compile-decode`.
+`warmup()` at start-up; guard evaluation is skipped from then on (`unguarded.py`). Steps of at least
+`MIN_TOKENS` tokens that are not pure decodes take it (a decode step has its own runner,
+`compiled_decode.py`, or runs eagerly). Fused loops reorder float arithmetic (~1 ulp), so the path
+is opt-in (`--compile-prefill`) like `--compile-decode`.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import time
 import torch
 
 from kestrel.attention import AttentionContext, BatchLayout
+from kestrel.worker.unguarded import UnguardedCalls
 
 logger = logging.getLogger(__name__)
 
@@ -42,12 +44,14 @@ class CompiledPrefillRunner:
         self.model = model
         self.device = device
         self._piece = torch.compile(_between_attention, fullgraph=True)
-        self._warm = False
+        self._calls = UnguardedCalls("prefill piece")
+        self._layered = len(model.model.layers) > 1
+        """The piece runs between two layers: a one-layer model has none."""
         self.num_runs = 0
         """Steps run with compiled pieces (for tests and logs)."""
 
     def can_run(self, layout: BatchLayout) -> bool:
-        return not layout.is_decode_only and layout.num_tokens >= MIN_TOKENS and len(self.model.model.layers) > 1
+        return self._layered and not layout.is_decode_only and layout.num_tokens >= MIN_TOKENS
 
     def warmup(self) -> float:
         """Compile the piece now, on zeros (it touches no KV); returns seconds."""
@@ -61,7 +65,7 @@ class CompiledPrefillRunner:
             rope = decoder.rotary.for_positions(torch.arange(tokens, dtype=torch.int32, device=self.device))
             attn = x.new_zeros(tokens, attn_cfg.num_heads, attn_cfg.head_dim)
             self._call(layer, decoder.layers[1], rope, attn, torch.zeros_like(x), mark=True)
-        self._warm = True
+        self._calls.warm = True
         elapsed = time.perf_counter() - start
         logger.info("compiled the CPU prefill piece in %.1f s", elapsed)
         return elapsed
@@ -88,16 +92,7 @@ class CompiledPrefillRunner:
         if mark:  # the token count is dynamic: one graph for every step
             for t in (attn, residual, rope.positions, rope.cos, rope.sin):
                 torch._dynamo.mark_dynamic(t, 0)
-        if self._warm:
-            try:
-                with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-                    return self._piece(layer, following, rope, attn, residual)
-            except RuntimeError as e:  # no graph fits (dynamo refuses to recompile in this stance)
-                if "skip_guard_eval_unsafe" not in str(e):
-                    raise
-                logger.warning("a compiled prefill piece needs a new graph (%s); guards are evaluated from now on", e)
-                self._warm = False  # the piece is pure: running it again is safe
-        return self._piece(layer, following, rope, attn, residual)
+        return self._calls(self._piece, layer, following, rope, attn, residual)  # the piece is pure
 
 
 def _between_attention(layer, following, rope, attn, residual):

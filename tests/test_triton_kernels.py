@@ -41,6 +41,7 @@ from kestrel.kernels.extend_attention import extend_attention  # noqa: E402
 from kestrel.kernels.rmsnorm import fused_add_rms_norm, rms_norm  # noqa: E402
 from kestrel.kernels.rotary import apply_rotary  # noqa: E402
 from kestrel.kernels.silu_and_mul import silu_and_mul  # noqa: E402
+from kestrel.kernels.skinny_gemm import SkinnyTuning, faster_here, skinny_linear, wanted  # noqa: E402
 from kestrel.kernels.store_kv import store_kv  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
@@ -384,6 +385,54 @@ def test_silu_and_mul_rejects_bad_inputs():
         silu_and_mul(torch.randn(3, 7, device=DEVICE))
     with pytest.raises(ValueError, match="out must be"):
         silu_and_mul(torch.randn(3, 8, device=DEVICE), torch.empty(3, 8, device=DEVICE))
+
+
+# ---------------------------------------------------------------------------------------------
+# skinny_gemm (a few rows against a large weight)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tuning", [None, SkinnyTuning(8, 64, 4, 1, use_dot=False),
+                                    SkinnyTuning(16, 32, 4, 3, use_dot=True)], ids=["default", "sum", "dot"])
+@pytest.mark.parametrize("rows", [1, 2, 5, 16])
+def test_skinny_linear(dtype, tuning, rows):
+    gen = _gen(17)
+    n, k = (72, 256) if not ON_GPU else (4096 + 40, 4096)  # N not a multiple of the block: masked columns
+    if tuning is not None and not tuning.use_dot and rows > 2:
+        rows = 2  # the register-sum variant holds BLOCK_M x BLOCK_N x BLOCK_K products
+    x = torch.randn(rows, k + 8, generator=gen)[:, :k].to(dtype).to(DEVICE)  # strided rows
+    w = (torch.randn(n, k, generator=gen) / k ** 0.5).to(dtype).to(DEVICE)
+    bias = torch.randn(n, generator=gen).to(dtype).to(DEVICE)
+    ref = torch.nn.functional.linear(x.double(), w.double(), bias.double())
+    out = torch.full((rows, n), float("nan"), dtype=dtype, device=DEVICE)
+    assert skinny_linear(x, w, bias, tuning=tuning, out=out) is out
+    assert rel_err(out, ref) < TOL[dtype]
+    no_bias = skinny_linear(x, w, tuning=tuning)
+    assert rel_err(no_bias, ref - bias.double()) < TOL[dtype]
+    # each row alone gives the same bits as in the batch (no cross-row reduction)
+    assert torch.equal(skinny_linear(x[rows - 1:], w, bias, tuning=tuning)[0], out[rows - 1])
+
+
+def test_skinny_linear_rejects_bad_inputs():
+    w = torch.randn(64, 256, device=DEVICE)
+    with pytest.raises(ValueError, match="multiple of"):
+        skinny_linear(torch.randn(1, 200, device=DEVICE), torch.randn(64, 200, device=DEVICE))
+    with pytest.raises(ValueError, match="1..16"):
+        skinny_linear(torch.randn(17, 256, device=DEVICE), w)
+    with pytest.raises(ValueError, match="bias"):
+        skinny_linear(torch.randn(1, 256, device=DEVICE), w, torch.randn(63, device=DEVICE))
+    with pytest.raises(ValueError, match="power of two"):
+        SkinnyTuning(24, 128, 4, 3, use_dot=True)
+
+
+def test_skinny_linear_is_chosen_only_where_it_was_faster():
+    """The H200 sweep's rule on Llama-3.1-8B's shapes: o_proj and the LM head at <= 16 rows, not the rest;
+    never for tensors off a GPU (the CPU keeps its own kernels)."""
+    assert faster_here(1, 4096, 4096) and faster_here(16, 128256, 4096)
+    assert not faster_here(17, 4096, 4096) and not faster_here(1, 6144, 4096)
+    assert not faster_here(1, 28672, 4096) and not faster_here(1, 4096, 14336)
+    x, w = torch.randn(1, 4096, dtype=torch.bfloat16), torch.randn(4096, 4096, dtype=torch.bfloat16)
+    assert wanted(x, w) == x.is_cuda
 
 
 def test_kernel_modules_import_without_triton():

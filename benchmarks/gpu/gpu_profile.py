@@ -123,15 +123,38 @@ def _mixed(engine: Engine, steps: int, phases: dict, activities, sync, device: s
         engine.step()
 
 
+def _prefill_stream(engine: Engine, steps: int, activities, sync, device: str) -> None:
+    """64 prompts of 2048 tokens, 16 outputs each, submitted together: after a few steps each 8192-token
+    prefill step also carries the decodes of the prompts before it, as in the 200 x 2048/16 workload."""
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    for i, p in enumerate(random_prompts(64, 2048, engine.model_config.vocab_size, 21)):
+        engine.add_request(f"s{i}", p, params)
+    for _ in range(6):
+        engine.step()
+    sync()
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        sync()
+        wall = time.perf_counter() - t0
+    _table(prof, steps, wall, "prefill stream (8192-token steps + decodes)", device)
+    _timeline(prof, steps, device)
+    for i in range(64):
+        engine.abort_request(f"s{i}")
+    while engine.has_unfinished_requests():
+        engine.step()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--cases", nargs="*", default=["b1", "b64", "mixed", "prefill"],
-                        choices=["b1", "b64", "mixed", "prefill"],
-                        help="mixed: 240 decodes + one new 256-token prompt per step (the 2000 x 256/256 "
-                             "workload's steady state, eager: mixed steps have no CUDA graph)")
+                        help="bN: N requests decoding at seq ~520 (b1, b64, b256, ...); prefill_stream: 2048-token "
+                             "prompts with 16 outputs (n200's steady state: 8192-token prefill steps with the "
+                             "earlier prompts' decodes); mixed: 240 decodes + one new 256-token prompt per step")
     args = parser.parse_args()
     config = EngineConfig(model=args.model, load_format="dummy", dtype="bfloat16", device=args.device,
                           max_model_len=4096, max_num_seqs=256, max_num_batched_tokens=8192, show_progress=False)
@@ -141,11 +164,11 @@ def main() -> int:
     vocab = engine.model_config.vocab_size
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device != "cpu" else [])
     sync = torch.cuda.synchronize if args.device != "cpu" else (lambda: None)
-    for batch in [b for b, name in ((1, "b1"), (64, "b64")) if name in args.cases]:
+    for batch in [int(c[1:]) for c in args.cases if c[0] == "b" and c[1:].isdigit()]:
         params = SamplingParams(temperature=0, max_tokens=10_000, ignore_eos=True)
         for i, p in enumerate(random_prompts(batch, 512, vocab, batch)):
             engine.add_request(f"b{batch}-{i}", p, params)
-        for _ in range(8):  # prefill and a few decode steps
+        for _ in range(8 + batch * 512 // 8192):  # prefill and a few decode steps
             engine.step()
         sync()
         t0 = time.perf_counter()  # unprofiled first: the profiler's own host cost inflates wall time
@@ -172,6 +195,8 @@ def main() -> int:
         _timeline(prof, args.steps, args.device)
         for i in range(batch):
             engine.abort_request(f"b{batch}-{i}")
+    if "prefill_stream" in args.cases:
+        _prefill_stream(engine, min(args.steps, 8), activities, sync, args.device)
     if "mixed" in args.cases:
         _mixed(engine, args.steps, phases, activities, sync, args.device)
     if "prefill" not in args.cases:

@@ -39,6 +39,7 @@ from kestrel.kernels.extend_attention import extend_attention  # noqa: E402
 from kestrel.kernels.rmsnorm import fused_add_rms_norm, rms_norm  # noqa: E402
 from kestrel.kernels.rotary import apply_rotary  # noqa: E402
 from kestrel.kernels.silu_and_mul import silu_and_mul  # noqa: E402
+from kestrel.kernels.skinny_gemm import skinny_linear  # noqa: E402
 from kestrel.kernels.store_kv import store_kv  # noqa: E402
 
 
@@ -262,6 +263,16 @@ def bench_silu_and_mul(b: Bench, m: Model, num_tokens: int) -> None:
     b.record("silu_and_mul", f"T={num_tokens} I={m.intermediate}", err, lambda: silu_and_mul(x, out), num_bytes)
 
 
+def bench_skinny(b: Bench, rows: int, n: int, k: int, label: str) -> None:
+    """A few rows against a weight (o_proj, LM head at decode); do_bench re-reads one weight, so L2 may
+    serve part of a small one: gemv_probe.py times 32 distinct weights instead."""
+    x, w = b.randn(rows, k), b.randn(n, k, scale=k ** -0.5)
+    out = skinny_linear(x, w)
+    err = refs.rel_err(out, torch.nn.functional.linear(x.float(), w.float()))
+    b.record("skinny_linear", f"{label} M={rows} N={n} K={k}", err, lambda: skinny_linear(x, w, out=out),
+             w.numel() * w.element_size(), 2 * rows * n * k)
+
+
 def run_all(b: Bench) -> None:
     m = TINY if b.tiny else LLAMA_8B
     tokens = [3, 40] if b.tiny else [64, 2048]
@@ -281,6 +292,12 @@ def run_all(b: Bench) -> None:
         bench_extend(b, m, [(0, 2048)] * 4, "4 prompts x 2048")
         bench_extend(b, m, [(1024, 128)] * 16, "16 chunks of 128 after 1024 cached")
         bench_extend(b, m, [(1024, 128)] + [(640, 1)] * 31, "1 chunk + 31 decodes (q_len 1)")
+    for rows in (1, 16):
+        if b.tiny:
+            bench_skinny(b, rows, 72, 256, "tiny")
+        else:
+            bench_skinny(b, rows, m.hidden, m.hidden, "o_proj")
+            bench_skinny(b, rows, 128256, m.hidden, "lm_head")
     for t in tokens:
         bench_rms_norm(b, m, t)
         bench_rotary(b, m, t)

@@ -10,6 +10,7 @@ from kestrel.distributed.parallel_state import SINGLE_RANK, TPGroup
 from kestrel.kernels.cpu_quant import (Int4Weight, QuantizedWeight, choose_quantized, int4_supported, int8_supported,
                                        quantize_int4)
 from kestrel.kernels.cpu_linear import PackedLinear, pack
+from kestrel.layers.linear import linear
 
 
 REFINE_TOP_K = 16
@@ -85,6 +86,6 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [R, hidden] -> logits [R, vocab]
-        logits = self.kernel(hidden) if self.kernel is not None else F.linear(hidden, self.weight)
+        logits = self.kernel(hidden) if self.kernel is not None else linear(hidden, self.weight)
         logits = self.tp.all_gather_last_dim(logits)
         return logits[..., : self.vocab_size]

@@ -25,6 +25,16 @@ from kestrel.kernels.cpu_quant import GROUP_SIZE, Int4Weight, QuantizedWeight, c
 from kestrel.kernels.cpu_linear import PackedLinear, pack
 
 
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, or on a GPU the Triton kernel for a few rows where it beats cuBLAS (kernels/skinny_gemm.py)."""
+    if x.is_cuda:
+        from kestrel.kernels import skinny_gemm  # lazily: the CPU tests import kernels under the interpreter
+
+        if skinny_gemm.wanted(x, w):
+            return skinny_gemm.skinny_linear(x, w, bias)
+    return F.linear(x, w, bias)
+
+
 def _divide(a: int, b: int) -> int:
     if a % b:
         raise ValueError(f"{a} is not divisible by the tensor-parallel size {b}")
@@ -74,7 +84,7 @@ class _PackableLinear(nn.Module):
     def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.kernel is not None:
             return self.kernel(x)
-        return F.linear(x, self.weight, bias)
+        return linear(x, self.weight, bias)
 
 
 class ColumnParallelLinear(_PackableLinear):

@@ -33,7 +33,6 @@ import torch
 
 from kestrel.kernels.attention_common import attend_block
 from kestrel.kernels.launch_checks import check_attention, check_index, check_one_device
-from kestrel.kernels import pdl
 from kestrel.kernels.triton_compat import tl, triton
 from kestrel.kernels.tuning import AttentionTuning, decode_tuning
 
@@ -49,9 +48,7 @@ def _decode_partial_kernel(
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DIRECT_OUT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    USE_PDL: tl.constexpr,
 ):
-    pdl.prologue(USE_PDL)  # before any load or store (kernels/pdl.py)
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -101,9 +98,7 @@ def _decode_reduce_kernel(
     stride_o_req, stride_o_head,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-    USE_PDL: tl.constexpr,
 ):
-    pdl.prologue(USE_PDL)  # before any load or store (kernels/pdl.py)
     req = tl.program_id(0)
     head = tl.program_id(1)
     s = tl.arange(0, BLOCK_S)
@@ -178,7 +173,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=tuning.block_n, BLOCK_D=block_d,
         DIRECT_OUT=direct, DOT_PRECISION="tf32x3" if is_fp32 else "tf32",
         UPCAST_DOT=q.device.type == "cpu",  # the interpreter of Triton 3.9 multiplies bf16 dots as integers
-        **pdl.options(q.device), num_warps=tuning.num_warps, num_stages=tuning.num_stages,
+        num_warps=tuning.num_warps, num_stages=tuning.num_stages,
     )
     if direct:
         return out
@@ -186,6 +181,6 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         part_out, part_lse, out, out.stride(0), out.stride(1),
         NUM_HEADS=num_heads, HEAD_DIM=head_dim, NUM_SPLITS=num_kv_splits,
         BLOCK_S=triton.next_power_of_2(num_kv_splits), BLOCK_D=block_d,
-        **pdl.options(q.device), num_warps=4 if head_dim >= 128 else 2,
+        num_warps=4 if head_dim >= 128 else 2,
     )
     return out

@@ -27,7 +27,6 @@ import torch
 
 from kestrel.kernels.attention_common import attend_block
 from kestrel.kernels.launch_checks import check_attention, check_index, check_one_device
-from kestrel.kernels import pdl
 from kestrel.kernels.triton_compat import tl, triton
 from kestrel.kernels.tuning import AttentionTuning, extend_tuning
 
@@ -42,9 +41,7 @@ def _extend_attention_kernel(
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    USE_PDL: tl.constexpr,
 ):
-    pdl.prologue(USE_PDL)  # before any load or store (kernels/pdl.py)
     tile = tl.num_programs(0) - 1 - tl.program_id(0)  # last tiles (most keys) first
     req = tl.program_id(1)
     kv_head = tl.program_id(2)
@@ -134,6 +131,6 @@ def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         BLOCK_T=block_t, BLOCK_M=block_t * group_pad, BLOCK_N=tuning.block_n, BLOCK_D=block_d,
         DOT_PRECISION="tf32x3" if is_fp32 else "tf32",
         UPCAST_DOT=q.device.type == "cpu",  # the interpreter of Triton 3.9 multiplies bf16 dots as integers
-        **pdl.options(q.device), num_warps=tuning.num_warps, num_stages=tuning.num_stages,
+        num_warps=tuning.num_warps, num_stages=tuning.num_stages,
     )
     return out

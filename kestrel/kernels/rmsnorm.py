@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import torch
 
-from kestrel.kernels import pdl
 from kestrel.kernels.triton_compat import tl, triton
 
 _MAX_ROW_LEN = 65536
@@ -24,9 +23,7 @@ def _rms_norm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr,
     stride_x, stride_residual, stride_out, eps,
     ROW_LEN: tl.constexpr, ADD_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
-    USE_PDL: tl.constexpr,
 ):
-    pdl.prologue(USE_PDL)  # before any load or store (kernels/pdl.py)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < ROW_LEN
@@ -68,7 +65,7 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
         x, residual if residual is not None else x, weight, out,
         x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0), eps,
         ROW_LEN=row_len, ADD_RESIDUAL=residual is not None, BLOCK=block,
-        **pdl.options(x.device), num_warps=min(16, max(1, block // 512)),
+        num_warps=min(16, max(1, block // 512)),
     )
 
 

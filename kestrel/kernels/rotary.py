@@ -14,7 +14,6 @@ from __future__ import annotations
 import torch
 
 from kestrel.kernels.launch_checks import check_index, check_one_device
-from kestrel.kernels import pdl
 from kestrel.kernels.triton_compat import tl, triton
 
 
@@ -39,9 +38,7 @@ def _rotary_kernel(
     stride_q_tok, stride_q_head, stride_k_tok, stride_k_head, stride_table,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_HALF: tl.constexpr,
-    USE_PDL: tl.constexpr,
 ):
-    pdl.prologue(USE_PDL)  # before any load or store (kernels/pdl.py)
     token = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + token).to(tl.int64)
     j = tl.arange(0, BLOCK_HALF)
@@ -86,5 +83,5 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos:
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HALF=half,
         BLOCK_H=triton.next_power_of_2(num_heads), BLOCK_KH=triton.next_power_of_2(num_kv_heads),
         BLOCK_HALF=triton.next_power_of_2(half),
-        **pdl.options(q.device), num_warps=4,
+        num_warps=4,
     )

@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import torch
 
-from kestrel.kernels import pdl
 from kestrel.kernels.triton_compat import tl, triton
 
 _BLOCK = 1024
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_out, INTERMEDIATE: tl.constexpr, BLOCK: tl.constexpr,
-                         USE_PDL: tl.constexpr):
-    pdl.prologue(USE_PDL)  # before any load or store (kernels/pdl.py)
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_out, INTERMEDIATE: tl.constexpr, BLOCK: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < INTERMEDIATE
@@ -47,7 +44,6 @@ def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
     if num_tokens == 0 or intermediate == 0:
         return out
     _silu_and_mul_kernel[(num_tokens, triton.cdiv(intermediate, _BLOCK))](
-        x, out, x.stride(0), out.stride(0), INTERMEDIATE=intermediate, BLOCK=_BLOCK, **pdl.options(x.device),
-        num_warps=4,
+        x, out, x.stride(0), out.stride(0), INTERMEDIATE=intermediate, BLOCK=_BLOCK, num_warps=4,
     )
     return out

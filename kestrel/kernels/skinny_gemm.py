@@ -32,7 +32,6 @@ import os
 
 import torch
 
-from kestrel.kernels import pdl
 from kestrel.kernels.triton_compat import tl, triton
 
 ENABLED = os.environ.get("KESTREL_SKINNY_GEMM", "1") != "0"
@@ -88,9 +87,7 @@ def _skinny_kernel(
     x_ptr, w_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    USE_PDL: tl.constexpr,
 ):
-    pdl.prologue(USE_PDL)  # before any load or store (kernels/pdl.py)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] output columns = weight rows
     rows = tl.arange(0, BLOCK_M)
     ks = tl.arange(0, BLOCK_K)
@@ -128,11 +125,8 @@ def supports(x: torch.Tensor, w: torch.Tensor, tuning: SkinnyTuning | None = Non
 
 
 def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
-                  tuning: SkinnyTuning | None = None, out: torch.Tensor | None = None,
-                  out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """y [M, N] = x [M, K] @ w [N, K].T (+ bias [N]); 1 <= M <= 16, K a multiple of the tuning's block_k.
-
-    y is in x's dtype, or float32 when `out_dtype` (or `out`) says so (the accumulator, unrounded)."""
+                  tuning: SkinnyTuning | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """y [M, N] = x [M, K] @ w [N, K].T (+ bias [N]); 1 <= M <= 16, K a multiple of the tuning's block_k."""
     m, k = x.shape
     n = w.shape[0]
     tuning = tuning or skinny_tuning(m, n, k)
@@ -143,16 +137,13 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = 
         raise ValueError(f"w must be {x.dtype} and bias [{n}]; got {w.dtype} and "
                          f"{None if bias is None else tuple(bias.shape)}")
     if out is None:
-        out = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
-    if out.shape != (m, n) or out.dtype not in (x.dtype, torch.float32) or out.stride(1) != 1:
-        raise ValueError(f"out must be a [{m}, {n}] {x.dtype} or float32 tensor with a contiguous last dim; "
-                         f"got {tuple(out.shape)} {out.dtype}")
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     block_m = 16 if tuning.use_dot else triton.next_power_of_2(m)
     _skinny_kernel[(triton.cdiv(n, tuning.block_n),)](
         x, w, bias if bias is not None else w, out, m, n, k, x.stride(0), w.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, EVEN_N=n % tuning.block_n == 0, BLOCK_M=block_m, BLOCK_N=tuning.block_n,
         BLOCK_K=tuning.block_k, USE_DOT=tuning.use_dot,
         UPCAST_DOT=x.device.type == "cpu",  # the interpreter of Triton 3.9 multiplies bf16 dots as integers
-        **pdl.options(x.device), num_warps=tuning.num_warps, num_stages=tuning.num_stages,
+        num_warps=tuning.num_warps, num_stages=tuning.num_stages,
     )
     return out

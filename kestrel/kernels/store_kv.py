@@ -14,7 +14,6 @@ import torch
 
 from kestrel.kernels.launch_checks import (check_index, check_kv_cache, check_last_dim_contiguous, check_one_device,
                                            check_one_dtype)
-from kestrel.kernels import pdl
 from kestrel.kernels.triton_compat import tl, triton
 
 
@@ -24,9 +23,7 @@ def _store_kv_kernel(
     stride_k_tok, stride_k_head, stride_v_tok, stride_v_head,
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    USE_PDL: tl.constexpr,
 ):
-    pdl.prologue(USE_PDL)  # before any load or store (kernels/pdl.py)
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     if slot < 0:  # a padding token
@@ -66,5 +63,5 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_D=triton.next_power_of_2(head_dim),
-        **pdl.options(k.device), num_warps=4,
+        num_warps=4,
     )

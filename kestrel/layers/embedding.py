@@ -86,12 +86,6 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [R, hidden] -> logits [R, vocab]
-        if self.kernel is not None:
-            logits = self.kernel(hidden)
-        else:
-            # On a GPU the logits come out in fp32 whichever kernel the row count picks (Triton up to 16
-            # rows, cuBLAS beyond): rounded to bf16, the two kernels' sums made argmax ties that moved with
-            # the batch size (benchmarks/gpu/correctness.py's batch vs one-at-a-time check).
-            logits = linear(hidden, self.weight, out_dtype=torch.float32 if hidden.is_cuda else None)
+        logits = self.kernel(hidden) if self.kernel is not None else linear(hidden, self.weight)
         logits = self.tp.all_gather_last_dim(logits)
         return logits[..., : self.vocab_size]

@@ -25,23 +25,14 @@ from kestrel.kernels.cpu_quant import GROUP_SIZE, Int4Weight, QuantizedWeight, c
 from kestrel.kernels.cpu_linear import PackedLinear, pack
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
-           out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """F.linear, or on a GPU the Triton kernel for a few rows where it beats cuBLAS (kernels/skinny_gemm.py).
-
-    out_dtype=float32 (CUDA only): the result unrounded from either kernel's fp32 accumulator."""
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, or on a GPU the Triton kernel for a few rows where it beats cuBLAS (kernels/skinny_gemm.py)."""
     if x.is_cuda:
         from kestrel.kernels import skinny_gemm  # lazily: the CPU tests import kernels under the interpreter
 
         if skinny_gemm.wanted(x, w):
-            return skinny_gemm.skinny_linear(x, w, bias, out_dtype=out_dtype)
-        if out_dtype is not None and out_dtype != x.dtype and bias is None:
-            try:
-                return torch.mm(x, w.t(), out_dtype=out_dtype)  # cuBLAS, fp32 output
-            except (TypeError, RuntimeError, NotImplementedError):  # a torch without mm's out_dtype
-                pass
-    out = F.linear(x, w, bias)
-    return out if out_dtype is None else out.to(out_dtype)
+            return skinny_gemm.skinny_linear(x, w, bias)
+    return F.linear(x, w, bias)
 
 
 def _divide(a: int, b: int) -> int:

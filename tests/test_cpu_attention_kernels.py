@@ -53,6 +53,8 @@ def test_prefill_kernel_matches_fp32_sdpa(n_q, s, heads, kv_heads, head_dim):
     ([20, 3], 4, 4, 64),           # no GQA
     ([37, 5, 16, 1, 64, 20], 9, 3, 64),    # requests enough for one item per request (all KV heads)
     ([33, 7, 100, 2, 9], 32, 8, 128),       # the same, head dim 128
+    ([9, 4], 16, 1, 64),           # one KV head, 16 query heads: the values in two passes of 8 heads
+    ([5, 30, 2, 11], 12, 1, 128),  # 12 = 8 + 4 query heads a KV head, odd lengths (a last key alone)
 ])
 def test_bf16_decode_kernel_matches_fp32_sdpa(seq_lens, heads, kv_heads, head_dim):
     gen = torch.Generator().manual_seed(sum(seq_lens))

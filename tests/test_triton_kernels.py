@@ -41,7 +41,7 @@ from kestrel.kernels.extend_attention import extend_attention  # noqa: E402
 from kestrel.kernels.rmsnorm import fused_add_rms_norm, rms_norm  # noqa: E402
 from kestrel.kernels.rotary import apply_rotary  # noqa: E402
 from kestrel.kernels.silu_and_mul import silu_and_mul  # noqa: E402
-from kestrel.kernels.skinny_gemm import SkinnyTuning, faster_here, skinny_linear, wanted  # noqa: E402
+from kestrel.kernels.skinny_gemm import ENABLED, SkinnyTuning, faster_here, skinny_linear, wanted  # noqa: E402
 from kestrel.kernels.store_kv import store_kv  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
@@ -432,7 +432,7 @@ def test_skinny_linear_is_chosen_only_where_it_was_faster():
     assert not faster_here(17, 4096, 4096) and not faster_here(1, 6144, 4096)
     assert not faster_here(1, 28672, 4096) and not faster_here(1, 4096, 14336)
     x, w = torch.randn(1, 4096, dtype=torch.bfloat16), torch.randn(4096, 4096, dtype=torch.bfloat16)
-    assert wanted(x, w) == x.is_cuda
+    assert wanted(x, w) == (x.is_cuda and ENABLED)
 
 
 def test_kernel_modules_import_without_triton():

@@ -184,6 +184,60 @@ inline __m512 exp512(__m512 x) {  // exp_nonpositive, 16 lanes (2^n applied by s
   return _mm512_scalef_ps(p, n);
 }
 
+// One pass of the weighted sum of values: GC query heads of one KV head over every key, two keys at
+// once. Their rows are interleaved by 16-bit element, so that vdpbf16ps sums w[l] v[l][d] +
+// w[l+1] v[l+1][d] in each fp32 lane (lane 4i + t of acc[2v] is dim 32v + 8i + t, of acc[2v + 1]
+// dim 32v + 8i + 4 + t; undone at the store). A key not attended (or past L) reads a zero row with
+// weight zero (an unwritten slot may hold NaN bits). The weights are bf16 pairs, unnormalised.
+struct ValuesPass {
+  const uint16_t* vc;        // this KV head's part of slot 0
+  const int64_t* idx;        // [L] slots
+  const bool* attend;        // [L]
+  int64_t L, slot_stride;
+  int64_t prefetch_bytes;    // of each row 32 keys ahead (0: none)
+  const uint32_t* wpairs;    // [GC][wstride] (w[l], w[l+1]) pairs
+  int64_t wstride;
+  const float* inv;          // [GC] 1 / sum of weights
+  const uint16_t* zero_row;  // D zeros
+  uint16_t* out;             // [GC][D]
+};
+
+template <int64_t D, int64_t GC>
+void weighted_values(const ValuesPass& s) {
+  constexpr int64_t NV = D / 32, NF = D / 16;
+  __m512 acc[GC][NF];
+  for (int64_t g = 0; g < GC; ++g)
+    for (int64_t f = 0; f < NF; ++f) acc[g][f] = _mm512_setzero_ps();
+  for (int64_t l = 0; l < s.L; l += 2) {
+    const uint16_t* rows[2];
+    for (int64_t t = 0; t < 2; ++t)
+      rows[t] = l + t < s.L && s.attend[l + t] ? s.vc + s.idx[l + t] * s.slot_stride : s.zero_row;
+    for (int64_t t = 32; t < 34 && s.prefetch_bytes && l + t < s.L; ++t) {
+      const char* ahead = reinterpret_cast<const char*>(s.vc + s.idx[l + t] * s.slot_stride);
+      for (int64_t c = 0; c < s.prefetch_bytes; c += 64) _mm_prefetch(ahead + c, _MM_HINT_T0);
+    }
+    for (int64_t v = 0; v < NV; ++v) {
+      const __m512i a = _mm512_loadu_si512(rows[0] + 32 * v), b = _mm512_loadu_si512(rows[1] + 32 * v);
+      const __m512bh lo = (__m512bh)_mm512_unpacklo_epi16(a, b), hi = (__m512bh)_mm512_unpackhi_epi16(a, b);
+      for (int64_t g = 0; g < GC; ++g) {
+        const __m512bh w = (__m512bh)_mm512_set1_epi32(static_cast<int>(s.wpairs[g * s.wstride + l / 2]));
+        acc[g][2 * v] = _mm512_dpbf16_ps(acc[g][2 * v], lo, w);
+        acc[g][2 * v + 1] = _mm512_dpbf16_ps(acc[g][2 * v + 1], hi, w);
+      }
+    }
+  }
+  const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int64_t g = 0; g < GC; ++g) {
+    const __m512 scale = _mm512_set1_ps(s.inv[g]);
+    for (int64_t v = 0; v < NV; ++v) {
+      const __m512 d0 = _mm512_mul_ps(_mm512_permutex2var_ps(acc[g][2 * v], first, acc[g][2 * v + 1]), scale);
+      const __m512 d1 = _mm512_mul_ps(_mm512_permutex2var_ps(acc[g][2 * v], second, acc[g][2 * v + 1]), scale);
+      _mm512_storeu_si512(s.out + g * D + 32 * v, (__m512i)_mm512_cvtne2ps_pbh(d1, d0));
+    }
+  }
+}
+
 // bf16 caches on AVX512-BF16: q . k by `vdpbf16ps` on the raw bf16 rows, 16 keys' sums at once
 // (sum16), the exp 16 lanes at a time; values widened to fp32 for the weighted sum. A work item is
 // one request and `HP` of its KV heads: all of them when there are requests enough to keep every
@@ -194,15 +248,18 @@ void decode_bf16(const uint16_t* q, const uint16_t* kc, const uint16_t* vc, cons
                  uint16_t* out, int64_t R, int64_t H, int64_t KH, int64_t L, int64_t slot_stride,
                  int64_t head_stride, float scale) {
   constexpr int64_t NV = D / 32, NF = D / 16;  // bf16 / fp32 vectors a row
-  const int64_t G = H / KH, LP = (L + 15) / 16 * 16;
+  const int64_t G = H / KH, LP = (L + 31) / 32 * 32;
   const int64_t HP = R >= 2 * at::get_num_threads() ? KH : 1;  // KV heads an item
   const int64_t NH = HP * G;                                    // query heads an item
   const int64_t items_per_req = KH / HP;
   const int64_t grain = std::max<int64_t>(1, 1024 / std::max<int64_t>(1, L * NH));
   at::parallel_for(0, R * items_per_req, grain, [&](int64_t begin, int64_t end) {
     std::vector<__m512bh> qv(NH * NV);
-    std::vector<__m512> part(NH * 16), acc(NH * NF);
-    std::vector<float> scores(NH * LP);
+    std::vector<__m512> part(NH * 16);
+    std::vector<float> scores(NH * LP), inv(NH);
+    std::vector<uint16_t> weights(NH * LP);  // bf16
+    const std::vector<uint16_t> zeros(KH * D, 0);
+    const uint16_t* zero_row = zeros.data();
     const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
     for (int64_t item = begin; item < end; ++item) {
       const int64_t r = item / items_per_req, kh0 = (item % items_per_req) * HP;
@@ -220,6 +277,10 @@ void decode_bf16(const uint16_t* q, const uint16_t* kc, const uint16_t* vc, cons
             continue;
           }
           const uint16_t* row = kc + idx[l0 + j] * slot_stride + kh0 * head_stride;
+          if (l0 + 32 + j < L) {  // the rows 32 keys on, while these compute
+            const char* ahead = reinterpret_cast<const char*>(kc + idx[l0 + 32 + j] * slot_stride + kh0 * head_stride);
+            for (int64_t c = 0; c < HP * head_stride * 2; c += 64) _mm_prefetch(ahead + c, _MM_HINT_T0);
+          }
           for (int64_t p = 0; p < HP; ++p) {
             __m512bh kv[NV];
             for (int64_t v = 0; v < NV; ++v) kv[v] = (__m512bh)_mm512_loadu_si512(row + p * head_stride + 32 * v);
@@ -238,41 +299,43 @@ void decode_bf16(const uint16_t* q, const uint16_t* kc, const uint16_t* vc, cons
           _mm512_storeu_ps(scores.data() + h * LP + l0, _mm512_mask_mov_ps(ninf, seen, sc));
         }
       }
-      for (int64_t h = 0; h < NH; ++h) {  // softmax weights, unnormalised; padding lanes are -inf -> ~0
+      for (int64_t l = (L + 15) / 16 * 16; l < LP; l += 16)  // a last half block of 32: no keys
+        for (int64_t h = 0; h < NH; ++h) _mm512_storeu_ps(scores.data() + h * LP + l, ninf);
+      for (int64_t h = 0; h < NH; ++h) {  // softmax weights, unnormalised, rounded to bf16 pairs
         float* sg = scores.data() + h * LP;
         __m512 mx = ninf;
         for (int64_t l = 0; l < LP; l += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(sg + l));
         const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
         __m512 sum = _mm512_setzero_ps();
-        for (int64_t l = 0; l < LP; l += 16) {
-          const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(sg + l), m));
-          _mm512_storeu_ps(sg + l, e);
-          sum = _mm512_add_ps(sum, e);
+        for (int64_t l = 0; l < LP; l += 32) {
+          const __m512 e0 = exp512(_mm512_sub_ps(_mm512_loadu_ps(sg + l), m));
+          const __m512 e1 = exp512(_mm512_sub_ps(_mm512_loadu_ps(sg + l + 16), m));
+          sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
+          _mm512_storeu_si512(weights.data() + h * LP + l, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
         }
         const float total = _mm512_reduce_add_ps(sum);
-        for (int64_t l = 0; l < LP; ++l) sg[l] /= total;
-        for (int64_t f = 0; f < NF; ++f) acc[h * NF + f] = _mm512_setzero_ps();
+        inv[h] = total > 0.f ? 1.f / total : 0.f;
       }
-      for (int64_t l = 0; l < L; ++l) {  // weights times values
-        if (!attend[l]) continue;
-        const uint16_t* row = vc + idx[l] * slot_stride + kh0 * head_stride;
-        for (int64_t p = 0; p < HP; ++p) {
-          __m512 vf[NF];
-          for (int64_t f = 0; f < NF; ++f)
-            vf[f] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
-                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + p * head_stride + 16 * f))), 16));
-          for (int64_t g = 0; g < G; ++g) {
-            const int64_t h = p * G + g;
-            const __m512 w = _mm512_set1_ps(scores[h * LP + l]);
-            for (int64_t f = 0; f < NF; ++f) acc[h * NF + f] = _mm512_fmadd_ps(w, vf[f], acc[h * NF + f]);
+      // weights times values (weighted_values): one KV head and up to 8 of its query heads a pass,
+      // so the accumulators stay in registers; the first pass prefetches whole slot rows
+      const uint32_t* wpairs = reinterpret_cast<const uint32_t*>(weights.data());
+      for (int64_t p = 0; p < HP; ++p)
+        for (int64_t g0 = 0; g0 < G; g0 += 8) {
+          const int64_t h0 = p * G + g0;
+          const ValuesPass pass{vc + kh0 * head_stride + p * head_stride, idx, attend, L, slot_stride,
+                                p == 0 && g0 == 0 ? HP * head_stride * 2 : 0, wpairs + h0 * LP / 2, LP / 2,
+                                inv.data() + h0, zero_row, out + (r * H + kh0 * G + h0) * D};
+          switch (std::min<int64_t>(8, G - g0)) {
+            case 1: weighted_values<D, 1>(pass); break;
+            case 2: weighted_values<D, 2>(pass); break;
+            case 3: weighted_values<D, 3>(pass); break;
+            case 4: weighted_values<D, 4>(pass); break;
+            case 5: weighted_values<D, 5>(pass); break;
+            case 6: weighted_values<D, 6>(pass); break;
+            case 7: weighted_values<D, 7>(pass); break;
+            default: weighted_values<D, 8>(pass); break;
           }
         }
-      }
-      for (int64_t h = 0; h < NH; ++h) {
-        uint16_t* o = out + (r * H + kh0 * G + h) * D;
-        for (int64_t f = 0; f < NF; ++f)
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 16 * f), (__m256i)_mm512_cvtneps_pbh(acc[h * NF + f]));
-      }
     }
   });
 }

@@ -30,7 +30,7 @@ def test_packed_rows_do_not_depend_on_batch_size(dtype, in_features, out_feature
         assert torch.equal(linear(x[:rows]), full[:rows]), rows
     if small:
         full = linear(x[:small])
-    for rows in (1, 2, 5, 16):
+    for rows in [r for r in (1, 2, 5, 16) if not small or r <= small]:
         assert torch.equal(linear(x[:rows]), full[:rows]), rows
     assert linear(x[0]).shape == (out_features,)  # a 1-D input keeps its shape
     assert torch.equal(linear(x[0]), full[0])

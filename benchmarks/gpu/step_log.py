@@ -29,7 +29,8 @@ WORKLOADS = {"n2000_256x256": (2000, 256, 256), "n200_2048x16": (200, 2048, 16),
 
 def run(engine: Engine, name: str, n: int, inp: int, outp: int) -> dict:
     params = SamplingParams(temperature=0, max_tokens=outp, ignore_eos=True)
-    for i, p in enumerate(random_prompts(n, inp, engine.model_config.vocab_size, 11)):
+    engine.reset_prefix_cache()  # and a seed of its own: one seed's stream would repeat the last workload's
+    for i, p in enumerate(random_prompts(n, inp, engine.model_config.vocab_size, 11 + list(WORKLOADS).index(name))):
         engine.add_request(f"{name}-{i}", p, params)
     steps = []
     t0 = last = time.perf_counter()

@@ -135,6 +135,25 @@ def test_queue_limit_gives_503_with_retry_after(server):
     assert results == [200] * 6
 
 
+def test_generate_requests_sharing_a_rid_all_complete(server):
+    """/generate's `rid` is the caller's: requests in flight with the same one each get their own answer."""
+    body = {"text": "hello there", "rid": "same-id", "sampling_params": {"max_new_tokens": 8, "ignore_eos": True}}
+    replies: list = [None] * 6
+
+    def send(i: int) -> None:
+        replies[i] = httpx.post(server.url + "/generate", json=body, timeout=60)
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90)
+    ok = [r for r in replies if r is not None and r.status_code == 200]
+    assert all(r is not None and r.status_code in (200, 503) for r in replies), replies  # 503: the queue is 2
+    assert ok and all(r.json()["meta_info"]["id"] == "same-id-0" for r in ok)
+    assert all(r.json()["meta_info"]["completion_tokens"] == 8 for r in ok)
+
+
 def test_cors_only_for_allowed_origins(server):
     preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"}
     ok = httpx.options(server.url + "/v1/completions", headers={"Origin": _ORIGIN, **preflight})

@@ -132,6 +132,7 @@ class EngineClient:
         self._groups: dict[str, RequestGroup] = {}
         self._stats_waiters: dict[int, asyncio.Future[EngineStats]] = {}
         self._nonces = itertools.count()
+        self._renames = itertools.count(1)
         self._reader: asyncio.Task | None = None
         self.engine_info: EngineReady | None = None
         """Set when the engine announced itself (model loaded)."""
@@ -168,9 +169,18 @@ class EngineClient:
 
     async def generate(self, base_id: str, requests: list[EngineRequest], deadline: float | None = None,
                        observer: GroupObserver | None = None) -> RequestGroup:
-        """Submit the requests (ids base_id-<index>) and return the group to iterate."""
+        """Submit the requests (ids base_id-<index>) and return the group to iterate.
+
+        A caller's own id (/generate's `rid`) may repeat one still in flight here, e.g. a request whose reply
+        was sent but whose group is not yet released: the engine then gets `<id>#<n>`, so the two groups
+        never take each other's outputs or release each other's ids (the reply still shows the caller's id)."""
         self._check_alive()
-        ids = {f"{base_id}-{r.index}": r.index for r in requests}
+        ids = {}
+        for r in requests:
+            request_id = f"{base_id}-{r.index}"
+            if request_id in self._groups or request_id in ids:
+                request_id = f"{request_id}#{next(self._renames)}"
+            ids[request_id] = r.index
         group = RequestGroup(self, ids, deadline, observer)
         for request_id, request in zip(ids, requests):
             self._groups[request_id] = group

@@ -117,8 +117,13 @@ def _mixed(engine: Engine, steps: int, phases: dict, activities, sync, device: s
         wall = run("p")
     _table(prof, steps, wall, "mixed 240 decodes + 1 x 256 prefill", device)
     _timeline(prof, steps, device)
-    for i in range(240):
-        engine.abort_request(f"m{i}")
+    _abort_all(engine, "m", 240)
+
+
+def _abort_all(engine: Engine, prefix: str, n: int) -> None:
+    """Abort requests prefix0 .. prefix{n-1} and step until the engine is idle."""
+    for i in range(n):
+        engine.abort_request(f"{prefix}{i}")
     while engine.has_unfinished_requests():
         engine.step()
 
@@ -140,10 +145,7 @@ def _prefill_stream(engine: Engine, steps: int, activities, sync, device: str) -
         wall = time.perf_counter() - t0
     _table(prof, steps, wall, "prefill stream (8192-token steps + decodes)", device)
     _timeline(prof, steps, device)
-    for i in range(64):
-        engine.abort_request(f"s{i}")
-    while engine.has_unfinished_requests():
-        engine.step()
+    _abort_all(engine, "s", 64)
 
 
 def main() -> int:
@@ -193,8 +195,7 @@ def main() -> int:
             wall = time.perf_counter() - t0
         _table(prof, args.steps, wall, f"decode batch {batch}, seq ~520", args.device)
         _timeline(prof, args.steps, args.device)
-        for i in range(batch):
-            engine.abort_request(f"b{batch}-{i}")
+        _abort_all(engine, f"b{batch}-", batch)
     if "prefill_stream" in args.cases:
         _prefill_stream(engine, min(args.steps, 8), activities, sync, args.device)
     if "mixed" in args.cases:

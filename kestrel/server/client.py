@@ -178,7 +178,7 @@ class EngineClient:
         ids = {}
         for r in requests:
             request_id = f"{base_id}-{r.index}"
-            if request_id in self._groups or request_id in ids:
+            if request_id in self._groups:
                 request_id = f"{request_id}#{next(self._renames)}"
             ids[request_id] = r.index
         group = RequestGroup(self, ids, deadline, observer)

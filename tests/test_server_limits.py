@@ -117,22 +117,29 @@ def test_health_stays_fast_while_a_large_prompt_is_tokenized(server):
 
 
 def test_queue_limit_gives_503_with_retry_after(server):
-    results: list[int] = []
+    """With 4 running and 2 queued, a 7th request gets a 503 with Retry-After; the six all complete.
+
+    The six take well under a second on the tiny model, so on a loaded machine they can finish between
+    the check that all six are in flight and the 7th's arrival: up to three rounds, each a real attempt."""
     body = {"prompt": "Hi", "max_tokens": 40, "ignore_eos": True}
+    for _ in range(3):
+        results: list[int] = []
 
-    def call() -> None:
-        results.append(httpx.post(server.url + "/v1/completions", json=body, timeout=120).status_code)
+        def call() -> None:
+            results.append(httpx.post(server.url + "/v1/completions", json=body, timeout=120).status_code)
 
-    threads = [threading.Thread(target=call) for _ in range(6)]  # 4 running + 2 queued fill it
-    for t in threads:
-        t.start()
-    wait_for(lambda: engine_state(server.url)["api"]["num_in_flight_requests"] == 6)  # however loaded the machine
-    r = httpx.post(server.url + "/v1/completions", json=body, timeout=120)
-    for t in threads:
-        t.join(120)
+        threads = [threading.Thread(target=call) for _ in range(6)]  # 4 running + 2 queued fill it
+        for t in threads:
+            t.start()
+        wait_for(lambda: engine_state(server.url)["api"]["num_in_flight_requests"] == 6)  # however loaded
+        r = httpx.post(server.url + "/v1/completions", json=body, timeout=120)
+        for t in threads:
+            t.join(120)
+        assert results == [200] * 6
+        if r.status_code != 200:
+            break
     assert r.status_code == 503 and r.json()["error"]["code"] == "server_overloaded"
     assert int(r.headers["retry-after"]) >= 1
-    assert results == [200] * 6
 
 
 def test_generate_requests_sharing_a_rid_all_complete(server):

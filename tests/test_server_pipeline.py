@@ -169,3 +169,19 @@ def test_detokenizer_flushes_on_length_and_drops_aborted(tokenizer):
     assert r2.deltas[0].finish_reason == "length" and r2.to_abort == []
     assert r1.deltas[0].text + r2.deltas[0].text == "hello world"
     assert detok.num_live == 0
+
+
+def test_an_id_aborted_and_added_again_in_one_drain_keeps_the_new_request(harness, tokenizer):
+    """A stop string's abort (from the detokenizer) and a new request reusing the id (from the API, e.g.
+    /generate's rid sent again right after the reply) can reach the engine in one inbox drain. The
+    detokenizer must see the abort before the new start, or it forgets the new request, which hangs."""
+    detok = Detokenizer(tokenizer)
+    harness.send(AddRequest("r-0", [5, 6, 7], _greedy(100)))
+    for _ in range(3):
+        harness.loop.run_once()
+    harness.send(AbortRequests(["r-0"]))
+    harness.send(AddRequest("r-0", [5, 6], _greedy(4)))
+    messages = harness.run_until_idle()
+    deltas = [d for m in messages if isinstance(m, TokenBatch) for d in detok.process(m).deltas]
+    assert deltas[-1].request_id == "r-0" and deltas[-1].finish_reason == "length"
+    assert detok.num_live == 0

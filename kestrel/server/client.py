@@ -132,7 +132,6 @@ class EngineClient:
         self._groups: dict[str, RequestGroup] = {}
         self._stats_waiters: dict[int, asyncio.Future[EngineStats]] = {}
         self._nonces = itertools.count()
-        self._renames = itertools.count(1)
         self._reader: asyncio.Task | None = None
         self.engine_info: EngineReady | None = None
         """Set when the engine announced itself (model loaded)."""
@@ -169,18 +168,11 @@ class EngineClient:
 
     async def generate(self, base_id: str, requests: list[EngineRequest], deadline: float | None = None,
                        observer: GroupObserver | None = None) -> RequestGroup:
-        """Submit the requests (ids base_id-<index>) and return the group to iterate.
-
-        A caller's own id (/generate's `rid`) may repeat one still in flight here, e.g. a request whose reply
-        was sent but whose group is not yet released: the engine then gets `<id>#<n>`, so the two groups
-        never take each other's outputs or release each other's ids (the reply still shows the caller's id)."""
+        """Submit the requests (ids base_id-<index>; `base_id` must be unique) and return the group to iterate."""
         self._check_alive()
-        ids = {}
-        for r in requests:
-            request_id = f"{base_id}-{r.index}"
-            if request_id in self._groups:
-                request_id = f"{request_id}#{next(self._renames)}"
-            ids[request_id] = r.index
+        ids = {f"{base_id}-{r.index}": r.index for r in requests}
+        if not self._groups.keys().isdisjoint(ids):
+            raise EngineError(f"request id {base_id!r} is already in flight", 500)
         group = RequestGroup(self, ids, deadline, observer)
         for request_id, request in zip(ids, requests):
             self._groups[request_id] = group

@@ -146,6 +146,11 @@ class EngineLoop:
             logger.error("unexpected message %s", type(message).__name__)
 
     def _add(self, message: AddRequest) -> None:
+        if message.request_id in self._pending.aborted:
+            # The detokenizer applies a batch's starts before its aborts: an id aborted and then reused
+            # within one drain (a stop string's abort racing a /generate rid sent again) must go out in
+            # two batches, or the detokenizer would forget the new request and its caller would hang.
+            self._emit([])
         try:
             self.engine.add_request(message.request_id, message.prompt_token_ids, message.params)
         except ValueError as e:

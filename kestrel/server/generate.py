@@ -51,7 +51,10 @@ async def generate(state: ServerState, request: Request) -> Response:
     params = make_sampling_params(state, [len(p) for p in prompts], sp.max_new_tokens, renames, prompt_param,
                                   structured_outputs=constraint, **kwargs)
     request_id = req.rid or uuid.uuid4().hex
-    group = await submit(state, request_id, prompts, params, arrival_time(request))
+    # A caller's rid may repeat one the engine still holds (in flight, or stopped by a stop string whose
+    # abort is still on its way), so the engine gets it with a unique suffix; the reply shows the rid.
+    engine_id = f"{req.rid}#{uuid.uuid4().hex[:12]}" if req.rid else request_id
+    group = await submit(state, engine_id, prompts, params, arrival_time(request))
     num_choices = len(prompts) * params.n
     prompt_lens = [len(prompts[i // params.n]) for i in range(num_choices)]
     as_list = is_batch or num_choices > 1

@@ -20,6 +20,7 @@ from kestrel.attention.torch_backend import DecodeGroup, TorchAttentionBackend
 from kestrel.config import EngineConfig
 from kestrel.engine import Engine
 from kestrel.kernels import cpu_bf16_gemm
+from kestrel.worker.unguarded import UnguardedCalls
 from engine_runs import run_staggered
 from tests.conftest import make_tiny_hf_model
 
@@ -66,7 +67,7 @@ def test_compiled_decode_gives_the_eager_tokens_and_compiles_once(tmp_path, arch
     compiled = run_staggered(engine, prompts, 24, solo_steps=3)
     assert compiled == eager
     assert engine.scheduler.num_preemptions > 0  # the small pool made requests recompute
-    assert runner.num_runs > 0
+    assert runner.num_runs > 0 and runner._calls.num_direct > 0  # warm steps ran dynamo's captured bytecode
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames  # no recompilation
 
 
@@ -82,10 +83,32 @@ def test_bf16_decode_graph_calls_the_small_matmul_kernel(tmp_path):
     engine = Engine(EngineConfig(**config, compile_decode=True))
     runner = engine.executor.worker.compiled
     assert runner.small_bf16 and runner._graph_rows(min(6, cpu_bf16_gemm.MAX_ROWS)) == "small"
-    assert runner._graph_rows(cpu_bf16_gemm.MAX_ROWS + 1) == "any"
+    assert runner._graph_rows(cpu_bf16_gemm.MAX_ROWS + 1) == "large"
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     compiled = run_staggered(engine, prompts, 16, solo_steps=3)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # no recompilation
     # bf16: fused loops round differently from eager ops, so a near-tie may flip; most tokens agree
     same = sum(a == b for e, c in zip(eager, compiled) for a, b in zip(e, c))
     assert same >= 0.9 * sum(len(e) for e in eager)
+
+
+def test_warm_calls_skip_dynamo_and_an_unknown_key_takes_the_guarded_path():
+    """`UnguardedCalls` runs a warm call on the bytecode captured for its key (dynamic sizes included);
+    a key that compiled nothing goes through torch.compile's wrapper, with the same result."""
+    calls = UnguardedCalls("test")
+    scale = torch.compile(_scaled_sum, fullgraph=True)
+    x = torch.randn(5, 3)
+    torch._dynamo.mark_dynamic(x, 0)
+    torch.testing.assert_close(calls(scale, x, 2.0, key="rows"), _scaled_sum(x, 2.0))
+    calls.warm = True
+    for rows in (2, 7, 11):  # other sizes of the dynamic dimension, new values
+        y = torch.randn(rows, 3)
+        torch.testing.assert_close(calls(scale, y, 2.0, key="rows"), _scaled_sum(y, 2.0))
+    assert calls.num_direct == 3
+    y = torch.randn(4, 3)
+    torch.testing.assert_close(calls(scale, y, 2.0, key="other"), _scaled_sum(y, 2.0))
+    assert calls.num_direct == 3  # no captured graph for "other": the wrapper ran it
+
+
+def _scaled_sum(x, scale):
+    return (x * scale).sum(-1) + x.shape[0]

@@ -34,3 +34,29 @@ def test_packed_rows_do_not_depend_on_batch_size(dtype, in_features, out_feature
         assert torch.equal(linear(x[:rows]), full[:rows]), rows
     assert linear(x[0]).shape == (out_features,)  # a 1-D input keeps its shape
     assert torch.equal(linear(x[0]), full[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_op_runs_the_packed_weight_like_the_python_path(dtype):
+    """`kestrel_cpu_linear::linear` (what decode graphs call) gives `_matmul`'s bits, one row as two, any
+    leading shape, bias included; once the kernel is freed its handle is refused, not read."""
+    if not packing_supported(dtype, torch.device("cpu")):
+        pytest.skip(f"no oneDNN {dtype} on this machine")
+    gen = torch.Generator().manual_seed(1)
+    weight = (torch.randn(200, 96, generator=gen) * 0.05).to(dtype)
+    bias = torch.randn(200, generator=gen).to(dtype)
+    linear = PackedLinear(weight, bias)
+    if not linear.native:
+        pytest.skip("the C++ kernels are not built here")
+    op = torch.ops.kestrel_cpu_linear.linear
+    x = torch.randn(9, 96, generator=gen).to(dtype)
+    full = linear._matmul(x)
+    assert torch.equal(op(x, linear.handle, 200), full)
+    assert torch.equal(op(x[:1], linear.handle, 200), full[:1])  # one row: computed as two
+    assert torch.equal(op(x[:6].view(2, 3, 96), linear.handle, 200), full[:6].view(2, 3, 200))
+    no_bias = PackedLinear(weight)
+    assert torch.equal(op(x, no_bias.handle, 200), no_bias._matmul(x))
+    handle = linear.handle
+    del linear
+    with pytest.raises(RuntimeError, match="was freed"):
+        op(x, handle, 200)

@@ -36,6 +36,13 @@ up to `cpu_bf16_gemm.MAX_ROWS` rows (decode batches, short chunks) run on that k
 oneDNN there; oneDNN keeps the larger ones (prefill), where it is ~13% faster at 512 rows. Each row's result
 is the same whatever the row count within each kernel's range, but the two kernels round differently.
 
+Compiled decode steps know which kernel a matmul takes from the step's row count alone (`graph_rows`):
+there, a matmul left to oneDNN calls the C++ op `kestrel_cpu_linear::linear(x, handle, out_features)`
+(`SOURCE`, built with the CPU attention kernels), which finds the packed weight in a registry of weak
+references kept in C++ and calls oneDNN's op itself: ~30 us of Python a call less than
+`kestrel::packed_linear` (120 calls a SmolLM2 decode step). Compiled prefill pieces, whose chunks can be
+of any size, keep `kestrel::packed_linear`, which picks per call.
+
 Eager, the choice is made per call (`eager`). Compiled decode steps of few rows call the quantized
 kernels inside the graph itself (their weights are plain tensors, unlike oneDNN's), with no custom-op
 wrapper around them (~30 us a call from Python), and so do steps of up to `cpu_bf16_gemm.MAX_ROWS` rows
@@ -49,6 +56,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import os
 import weakref
 from collections.abc import Iterator
 
@@ -76,10 +84,12 @@ def graph_rows(kind: str) -> Iterator[None]:
 
     - "quantized": at most the kernels' `quantized_rows` (the quantized kernels run in the graph);
     - "small": at most `cpu_bf16_gemm.MAX_ROWS` (bf16 weights run `cpu_bf16_gemm`'s op in the graph);
-    - "any": every matmul goes through `kestrel::packed_linear`, which picks per call.
+    - "large": more than both (a decode step of many rows): the rest run on oneDNN;
+    - "any" (compiled prefill pieces): every matmul goes through `kestrel::packed_linear`, which picks per call.
 
-    The compiled decode runner enters this per step; torch.compile guards on it, so each kind of step
-    keeps a graph of its own.
+    In the first three, a matmul neither small kernel takes runs on oneDNN through the C++ op (see the
+    module docstring). The compiled decode runner enters this per step; torch.compile guards on it, so
+    each kind of step keeps a graph of its own.
     """
     global _GRAPH_ROWS
     before, _GRAPH_ROWS = _GRAPH_ROWS, kind
@@ -153,6 +163,10 @@ class PackedLinear:
         key = next(_NEXT_HANDLE)
         _KERNELS[key] = self
         self.handle = torch.tensor(key, dtype=torch.int64)
+        self.native = _native_op()
+        """The packed weight is in the C++ registry: decode graphs call `kestrel_cpu_linear::linear`."""
+        if self.native:
+            torch.ops.kestrel_cpu_linear.register_weight(key, self.packed, self.bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in] -> [..., out]
@@ -161,6 +175,8 @@ class PackedLinear:
                 return self._quantized(x)
             if self.bf16 is not None and _GRAPH_ROWS in ("quantized", "small"):
                 return cpu_bf16_gemm.linear(x, self.bf16)  # the C++ op itself: no Python wrapper per call
+            if self.native and _GRAPH_ROWS != "any":  # a decode graph: the rows are past both small kernels
+                return torch.ops.kestrel_cpu_linear.linear(x, self.handle, self.out_features)
             return torch.ops.kestrel.packed_linear(x, self.handle, self.out_features)
         return self.eager(x)
 
@@ -212,3 +228,109 @@ _LIB.impl("packed_linear", packed_linear, "CPU")
 @torch.library.register_fake("kestrel::packed_linear")
 def _(x: torch.Tensor, handle: torch.Tensor, out_features: int) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], out_features)
+
+
+@functools.cache
+def _native_op() -> bool:
+    """`SOURCE`'s ops are built (with the CPU attention kernels) and may be used."""
+    from kestrel.kernels import cpu_attention
+
+    if os.environ.get("KESTREL_CPU_LINEAR_OP", "1") == "0" or not cpu_attention.load():
+        return False
+
+    @torch.library.register_fake("kestrel_cpu_linear::linear")
+    def _(x, handle, out_features):
+        return x.new_empty(*x.shape[:-1], out_features)
+
+    return True
+
+
+SOURCE = r"""
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
+#include <torch/library.h>
+
+#include <iterator>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <unordered_map>
+
+namespace kestrel_linear {
+namespace {
+
+using WeakTensor = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
+
+struct Entry {
+  WeakTensor weight;  // oneDNN-packed, owned by the Python PackedLinear
+  std::optional<WeakTensor> bias;
+};
+
+std::mutex registry_mutex;
+std::unordered_map<int64_t, Entry> registry;
+
+at::Tensor lock(const WeakTensor& weak) {
+  auto strong = weak.lock();
+  TORCH_CHECK(strong.defined(), "kestrel_cpu_linear: a registered weight was freed");
+  return at::Tensor(std::move(strong));
+}
+
+// Entries whose weight is gone (its PackedLinear freed) are swept here: nothing is unregistered from
+// Python, where a finalizer could run inside a tracing dispatch mode. A weak reference keeps only the
+// TensorImpl's shell alive, not the packed buffer.
+void register_weight(int64_t handle, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  std::lock_guard<std::mutex> guard(registry_mutex);
+  for (auto it = registry.begin(); it != registry.end();) {
+    it = it->second.weight.expired() ? registry.erase(it) : std::next(it);
+  }
+  Entry entry{WeakTensor(weight.getIntrusivePtr()), std::nullopt};
+  if (bias.has_value() && bias->defined()) entry.bias = WeakTensor(bias->getIntrusivePtr());
+  registry.insert_or_assign(handle, std::move(entry));
+}
+
+// x [..., K] -> [..., out_features] on the packed weight `handle` (a 0-d int64 tensor): oneDNN's
+// mkldnn::_linear_pointwise, as PackedLinear._matmul calls it; one row runs as two (batch invariance).
+at::Tensor linear(const at::Tensor& x, const at::Tensor& handle, int64_t out_features) {
+  const int64_t key = *handle.data_ptr<int64_t>();
+  at::Tensor weight;
+  std::optional<at::Tensor> bias;
+  {
+    std::lock_guard<std::mutex> guard(registry_mutex);
+    auto it = registry.find(key);
+    TORCH_CHECK(it != registry.end(), "kestrel_cpu_linear: no weight registered as ", key);
+    weight = lock(it->second.weight);
+    if (it->second.bias) bias = lock(*it->second.bias);
+  }
+  const int64_t k = x.size(-1);
+  const int64_t rows = k == 0 ? 0 : x.numel() / k;
+  at::Tensor in = x.reshape({rows, k});
+  if (rows == 1) in = in.expand({2, k});
+  in = in.contiguous();
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+  torch::jit::Stack stack;
+  stack.reserve(6);
+  stack.emplace_back(in);
+  stack.emplace_back(weight);
+  stack.emplace_back(bias.has_value() ? c10::IValue(*bias) : c10::IValue());
+  stack.emplace_back(std::string("none"));
+  stack.emplace_back(c10::List<std::optional<c10::Scalar>>());
+  stack.emplace_back(c10::IValue());
+  op.callBoxed(&stack);
+  at::Tensor out = stack[0].toTensor();
+  if (rows == 1) out = out.narrow(0, 0, 1);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = out_features;
+  return out.view(shape);
+}
+
+}  // namespace
+}  // namespace kestrel_linear
+
+TORCH_LIBRARY(kestrel_cpu_linear, m) {
+  m.def("linear(Tensor x, Tensor handle, int out_features) -> Tensor");
+  m.impl("linear", c10::DispatchKey::CPU, TORCH_FN(kestrel_linear::linear));
+  m.def("register_weight(int handle, Tensor weight, Tensor? bias) -> ()");
+  m.impl("register_weight", c10::DispatchKey::CatchAll, TORCH_FN(kestrel_linear::register_weight));
+}
+"""

@@ -122,9 +122,10 @@ class CompiledDecodeRunner:
         return self._run(token_ids, positions, SlotDecodeMeta(slot_mapping, kv_index, mask))[:r]
 
     def _run(self, token_ids, positions, meta: SlotDecodeMeta, mark: bool = False) -> torch.Tensor:
-        with graph_rows(self._graph_rows(token_ids.shape[0])):
-            # A step that falls back reruns whole: its KV writes are the same values again.
-            return self._calls(self._forward, token_ids, positions, meta, mark)
+        rows = token_ids.shape[0]
+        kind = self._graph_rows(rows)
+        with graph_rows(kind):
+            return self._forward(token_ids, positions, meta, mark, key=(kind, rows == 1))
 
     def _graph_rows(self, rows: int) -> str:
         """Which graph a step of `rows` rows takes (`cpu_linear.graph_rows`)."""
@@ -132,9 +133,10 @@ class CompiledDecodeRunner:
             return "quantized"
         if self.small_bf16 and rows <= cpu_bf16_gemm.MAX_ROWS:
             return "small"
-        return "any"
+        return "large"
 
-    def _forward(self, token_ids, positions, meta: SlotDecodeMeta, mark: bool) -> torch.Tensor:
+    def _forward(self, token_ids, positions, meta: SlotDecodeMeta, mark: bool, key: tuple[str, bool]) -> torch.Tensor:
+        """The step's layers and head; `key` (graph kind, one row) names the compiled graphs it takes."""
         decoder = self.model.model
         x = decoder.embed_tokens(token_ids)  # [R, hidden]
         rope = decoder.rotary.for_positions(positions)
@@ -147,8 +149,9 @@ class CompiledDecodeRunner:
                 torch._dynamo.mark_dynamic(t, 1)
         ctx = AttentionContext(self.backend, meta, self.kv_caches)
         for layer, kv_cache in zip(decoder.layers, self.kv_caches, strict=True):
-            x, residual = self._layer(layer, rope, x, residual, ctx, kv_cache)
-        return self._head(self.model, x, residual)  # [R, vocab]
+            # A call that falls back to full guards reruns: its KV write is the same values again.
+            x, residual = self._calls(self._layer, layer, rope, x, residual, ctx, kv_cache, key=key)
+        return self._calls(self._head, self.model, x, residual, key=key)  # [R, vocab]
 
 
 def _layer_step(layer, rope, x, residual, ctx, kv_cache):

@@ -128,7 +128,7 @@ def test_queue_limit_gives_503_with_retry_after(server):
     for _ in range(8):
         results: list[int] = []
 
-        def call() -> None:
+        def call(results: list[int] = results) -> None:
             results.append(httpx.post(server.url + "/v1/completions", json=body, timeout=120).status_code)
 
         threads = [threading.Thread(target=call) for _ in range(6)]  # 4 running + 2 queued fill it
@@ -136,7 +136,7 @@ def test_queue_limit_gives_503_with_retry_after(server):
             t.start()
         full = False
 
-        def settled() -> bool:
+        def settled(results: list[int] = results) -> bool:
             nonlocal full
             full = engine_state(server.url)["api"]["num_in_flight_requests"] == 6
             return full or bool(results)  # a reply before all six were seen: this round cannot tell

@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 
+from kestrel import huge_pages
 from kestrel.engine_args import add_engine_args, engine_config_from_args
 
 
@@ -62,6 +63,8 @@ def _command_modules() -> list:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the command itself (not a call from Python): huge pages first (kestrel/huge_pages.py)
+        huge_pages.reexec_if_wanted()
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -390,3 +390,16 @@ def test_top_p_on_a_large_vocabulary_never_leaves_the_nucleus():
         assert seen[r] <= nuclei[r], r
     assert len(seen[1]) > 150  # the flat row is sampled across its nucleus, not stuck on the top token
     assert seen[3] - nucleus(3, 0.5)  # top_p = 1: draws outside what a 0.5 nucleus would keep
+
+
+def test_greedy_pick_is_argmax_with_ties_and_nan():
+    """The greedy fast path (`max(dim)` indices) picks what argmax picks: the first of tied maxima, a NaN."""
+    from kestrel.worker.sampler import _greedy
+
+    logits = torch.randn(8, 300, generator=torch.Generator().manual_seed(0))
+    logits[1, 40] = logits[1, 7] = logits[1, 200] = 50.0  # ties: the first index
+    logits[2, 99] = float("nan")
+    logits[3] = 0.0  # all equal
+    logits[4, -1] = float("inf")
+    assert _greedy(logits).tolist() == logits.argmax(dim=-1).tolist()
+    assert _greedy(logits)[1] == 7 and _greedy(logits)[2] == 99 and _greedy(logits)[3] == 0

@@ -49,7 +49,10 @@ def environment(environ: dict[str, str]) -> dict[str, str]:
 
 def reexec_if_wanted() -> None:
     """Replace this process by the same command line with `TUNABLE` set, where `wanted()`; else return."""
-    if wanted() and getattr(sys, "orig_argv", None):
+    if wanted() and getattr(sys, "orig_argv", None) and sys.executable:
         sys.stdout.flush()
         sys.stderr.flush()
-        os.execve(sys.executable, sys.orig_argv, environment(dict(os.environ)))
+        try:
+            os.execve(sys.executable, sys.orig_argv, environment(dict(os.environ)))
+        except OSError:  # cannot exec (no such file, no permission): carry on with 4 KiB pages
+            pass

@@ -77,7 +77,7 @@ def test_bf16_decode_kernel_matches_fp32_sdpa(seq_lens, heads, kv_heads, head_di
     assert err.max().item() < 0.02 and err.mean().item() < 0.002
 
 
-@pytest.mark.skipif(not cpu_prefill_attention.use(), reason="no AVX512-BF16: the backend keeps SDPA")
+@pytest.mark.skipif(not cpu_prefill_attention.use(), reason="no AVX512-BF16, or AMX: the backend calls SDPA")
 @pytest.mark.parametrize("context", [0, 45])
 def test_torch_backend_prefill_takes_the_kernel_with_the_sdpa_result(context):
     heads, kv_heads, head_dim, n_q = 9, 3, 64, 20
@@ -97,6 +97,33 @@ def test_torch_backend_prefill_takes_the_kernel_with_the_sdpa_result(context):
     slow = backend._prefill(q, k_cache, v_cache, chunk)
     assert fast.shape == slow.shape == (n_q, heads, head_dim)
     assert (fast.float() - slow.float()).abs().max().item() < 0.03
+
+
+@pytest.mark.skipif(not cpu_prefill_attention.bf16_sdpa(), reason="no AMX: bf16 prefills take the C++ kernel")
+@pytest.mark.parametrize("context", [0, 45])
+def test_amx_prefill_runs_bf16_sdpa_with_the_fp32_result(context):
+    """On AMX CPUs a bf16 prefill chunk calls torch's SDPA in bf16 (no kernel, no widening): fresh (causal)
+    and after cached context (masked), within bf16 rounding of the fp32 result."""
+    heads, kv_heads, head_dim, n_q = 9, 3, 64, 20
+    gen = torch.Generator().manual_seed(context)
+    k_cache = torch.randn(128, kv_heads, head_dim, generator=gen).bfloat16()
+    v_cache = torch.randn(128, kv_heads, head_dim, generator=gen).bfloat16()
+    q = torch.randn(3 + n_q, heads, head_dim, generator=gen).bfloat16()  # the chunk starts at token 3
+    s = context + n_q
+    kv_index = torch.randperm(128, generator=gen)[:s].int()
+    visible = torch.arange(s).view(1, -1) <= torch.arange(context, s).view(-1, 1)  # [n_q, s]
+    chunk = PrefillChunk(3, n_q, kv_index, None if context == 0 else visible)
+    backend = TorchAttentionBackend(num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, max_model_len=256,
+                                    device="cpu")
+    assert not backend.native_prefill
+    out = backend._prefill(q, k_cache, v_cache, chunk)
+    keys = k_cache[kv_index.long()].float().transpose(0, 1).unsqueeze(0)  # [1, KH, S, D]
+    values = v_cache[kv_index.long()].float().transpose(0, 1).unsqueeze(0)
+    ref = F.scaled_dot_product_attention(q[3:].float().transpose(0, 1).unsqueeze(0), keys, values, attn_mask=visible,
+                                         enable_gqa=True)[0].transpose(0, 1)
+    assert out.shape == (n_q, heads, head_dim) and out.dtype == torch.bfloat16
+    err = (out.float() - ref).abs()
+    assert err.max().item() < 0.03 and err.mean().item() < 0.003
 
 
 def test_a_killed_builds_lock_is_cleared_and_a_live_one_kept(tmp_path, monkeypatch):

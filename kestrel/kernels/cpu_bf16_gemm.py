@@ -34,7 +34,9 @@ TILE_N = 64
 """Output columns per packed tile (four zmm registers of 16 fp32)."""
 
 
-def _has_amx() -> bool:
+@functools.cache
+def has_amx() -> bool:
+    """The CPU has AMX bf16 tiles (oneDNN's matmuls and torch's bf16 flash attention use them)."""
     try:
         with open("/proc/cpuinfo") as f:
             return "amx_bf16" in f.read()
@@ -46,7 +48,7 @@ AMX_MAX_ROWS = 5
 """On CPUs with AMX, oneDNN's prepacked bf16 matmuls run SmolLM2's 30 layers in ~10.5 ms at any row count
 from 1 to 16 (an Intel Xeon with amx_bf16, 2 threads, `benchmarks/cpu/gemm_stack.py`), and this kernel
 passes that at 6 rows (10.7 ms; 7.0 at one row, 20.0 at 16)."""
-MAX_ROWS = AMX_MAX_ROWS if _has_amx() else 64
+MAX_ROWS = AMX_MAX_ROWS if has_amx() else 64
 """Most rows a call runs here; larger matmuls go to oneDNN. 64 on AVX512-BF16 without AMX (a Zen 4: the
 kernel was 1.1-2x faster than oneDNN up to 64 rows, see benchmarks/cpu/README.md), AMX_MAX_ROWS with."""
 

@@ -9,7 +9,7 @@
 #   `run.sh check bench`. SKIP="pytest hf_peer" leaves steps out; DEADLINE_S=580 (default: none) shortens
 #   each step's limit so the whole call ends inside that many seconds. JSON under $OUT, logs in $OUT/logs.tgz.
 #
-# .whl holds: xgrammar 0.2.8 + apache-tvm-ffi (structured outputs; not yet run there), msgspec, gguf, pyzmq, fastapi + starlette + pydantic 2.12.5 + pydantic-core 2.41.5,
+# .whl (`bash benchmarks/gpu/make_wheels.sh` fills it) holds: xgrammar 0.2.8 + apache-tvm-ffi (structured outputs; not yet run there), msgspec, gguf, pyzmq, fastapi + starlette + pydantic 2.12.5 + pydantic-core 2.41.5,
 # uvicorn, typing-inspection, annotated-types/doc, opentelemetry-api (fastapi needs it), and
 # .whl/smol-tokenizer (the bundled SmolLM2 tokenizer as tokenizer.json, for serving the dummy model).
 set -uo pipefail

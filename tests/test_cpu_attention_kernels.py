@@ -80,17 +80,8 @@ def test_bf16_decode_kernel_matches_fp32_sdpa(seq_lens, heads, kv_heads, head_di
 @pytest.mark.skipif(not cpu_prefill_attention.use(), reason="no AVX512-BF16, or AMX: the backend calls SDPA")
 @pytest.mark.parametrize("context", [0, 45])
 def test_torch_backend_prefill_takes_the_kernel_with_the_sdpa_result(context):
-    heads, kv_heads, head_dim, n_q = 9, 3, 64, 20
-    gen = torch.Generator().manual_seed(context)
-    k_cache = torch.randn(128, kv_heads, head_dim, generator=gen).bfloat16()
-    v_cache = torch.randn(128, kv_heads, head_dim, generator=gen).bfloat16()
-    q = torch.randn(3 + n_q, heads, head_dim, generator=gen).bfloat16()  # the chunk starts at token 3
-    s = context + n_q
-    kv_index = torch.randperm(128, generator=gen)[:s].int()
-    mask = None if context == 0 else torch.arange(s).view(1, -1) <= torch.arange(context, s).view(-1, 1)
-    chunk = PrefillChunk(3, n_q, kv_index, mask)
-    backend = TorchAttentionBackend(num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, max_model_len=256,
-                                    device="cpu")
+    heads, head_dim, n_q = 9, 64, 20
+    q, k_cache, v_cache, chunk, _, backend = _prefill_case(context, heads, head_dim, n_q)
     assert backend.native_prefill
     fast = backend._prefill(q, k_cache, v_cache, chunk)
     backend.native_prefill = False
@@ -104,7 +95,23 @@ def test_torch_backend_prefill_takes_the_kernel_with_the_sdpa_result(context):
 def test_amx_prefill_runs_bf16_sdpa_with_the_fp32_result(context):
     """On AMX CPUs a bf16 prefill chunk calls torch's SDPA in bf16 (no kernel, no widening): fresh (causal)
     and after cached context (masked), within bf16 rounding of the fp32 result."""
-    heads, kv_heads, head_dim, n_q = 9, 3, 64, 20
+    heads, head_dim, n_q = 9, 64, 20
+    q, k_cache, v_cache, chunk, visible, backend = _prefill_case(context, heads, head_dim, n_q)
+    assert not backend.native_prefill
+    out = backend._prefill(q, k_cache, v_cache, chunk)
+    kv_index = chunk.kv_index
+    keys = k_cache[kv_index.long()].float().transpose(0, 1).unsqueeze(0)  # [1, KH, S, D]
+    values = v_cache[kv_index.long()].float().transpose(0, 1).unsqueeze(0)
+    ref = F.scaled_dot_product_attention(q[3:].float().transpose(0, 1).unsqueeze(0), keys, values, attn_mask=visible,
+                                         enable_gqa=True)[0].transpose(0, 1)
+    assert out.shape == (n_q, heads, head_dim) and out.dtype == torch.bfloat16
+    err = (out.float() - ref).abs()
+    assert err.max().item() < 0.03 and err.mean().item() < 0.003
+
+
+def _prefill_case(context: int, heads: int, head_dim: int, n_q: int, kv_heads: int = 3):
+    """bf16 caches of 128 slots, a chunk of n_q tokens starting at token 3 over `context` cached keys, and a
+    CPU torch backend: (q, k_cache, v_cache, chunk, visible [n_q, S] bool, backend)."""
     gen = torch.Generator().manual_seed(context)
     k_cache = torch.randn(128, kv_heads, head_dim, generator=gen).bfloat16()
     v_cache = torch.randn(128, kv_heads, head_dim, generator=gen).bfloat16()
@@ -115,15 +122,7 @@ def test_amx_prefill_runs_bf16_sdpa_with_the_fp32_result(context):
     chunk = PrefillChunk(3, n_q, kv_index, None if context == 0 else visible)
     backend = TorchAttentionBackend(num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, max_model_len=256,
                                     device="cpu")
-    assert not backend.native_prefill
-    out = backend._prefill(q, k_cache, v_cache, chunk)
-    keys = k_cache[kv_index.long()].float().transpose(0, 1).unsqueeze(0)  # [1, KH, S, D]
-    values = v_cache[kv_index.long()].float().transpose(0, 1).unsqueeze(0)
-    ref = F.scaled_dot_product_attention(q[3:].float().transpose(0, 1).unsqueeze(0), keys, values, attn_mask=visible,
-                                         enable_gqa=True)[0].transpose(0, 1)
-    assert out.shape == (n_q, heads, head_dim) and out.dtype == torch.bfloat16
-    err = (out.float() - ref).abs()
-    assert err.max().item() < 0.03 and err.mean().item() < 0.003
+    return q, k_cache, v_cache, chunk, visible, backend
 
 
 def test_a_killed_builds_lock_is_cleared_and_a_live_one_kept(tmp_path, monkeypatch):

@@ -167,8 +167,8 @@ class TorchAttentionBackend:
 
 def _sdpa(q, keys, values, mask, is_causal: bool) -> torch.Tensor:
     dtype = q.dtype
-    if q.device.type == "cpu" and dtype != torch.float32 and not (dtype == torch.bfloat16
-                                                                  and cpu_prefill_attention.bf16_sdpa()):
+    fast_here = dtype == torch.float32 or (dtype == torch.bfloat16 and cpu_prefill_attention.bf16_sdpa())
+    if q.device.type == "cpu" and not fast_here:  # torch's CPU SDPA is slow in half precision without AMX
         q, keys, values = q.float(), keys.float(), values.float()
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=is_causal,
                                          enable_gqa=keys.shape[1] != q.shape[1])

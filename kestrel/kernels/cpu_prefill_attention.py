@@ -288,7 +288,6 @@ def use() -> bool:
     return cpu_attention.load() and bool(torch.ops.kestrel_cpu_prefill.fast())
 
 
-@functools.cache
 def bf16_sdpa() -> bool:
     """torch's CPU SDPA is fast in bf16 here (AMX): bf16 prefill chunks call it without widening to fp32."""
     from kestrel.kernels import cpu_bf16_gemm

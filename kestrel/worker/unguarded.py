@@ -36,14 +36,15 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _capture = threading.local()
-"""`_capture.calls`: the `UnguardedCalls` compiling on this thread (its `key` names the graph)."""
+"""`_capture.target`: (the `UnguardedCalls` compiling on this thread, the key naming the graph), or None."""
 _hook_installed = False
 
 
 def _bytecode_hook(old_code: CodeType, new_code: CodeType) -> None:
-    calls = getattr(_capture, "calls", None)
-    if calls is not None:
-        calls._codes[(old_code, calls._key)] = new_code  # a recompile for the same key replaces it
+    target = getattr(_capture, "target", None)
+    if target is not None:
+        calls, key = target
+        calls._codes[(old_code, key)] = new_code  # a recompile for the same key replaces it
     return None  # dynamo keeps its own code
 
 
@@ -61,7 +62,6 @@ class UnguardedCalls:
         self.direct = direct_calls_enabled()
         self._codes: dict[tuple[CodeType, Hashable], CodeType] = {}
         """(original function's code, key) -> dynamo's bytecode for that graph."""
-        self._key: Hashable = None
         self.num_direct = 0
         """Calls run on captured bytecode (for tests and logs)."""
         if self.direct and not _hook_installed:
@@ -90,8 +90,8 @@ class UnguardedCalls:
                 self.warm = False
         if not self.direct:
             return compiled(*args)
-        _capture.calls, self._key = self, key
+        _capture.target = (self, key)
         try:
             return compiled(*args)
         finally:
-            _capture.calls = None
+            _capture.target = None

@@ -82,8 +82,8 @@ def test_bf16_decode_graph_calls_the_small_matmul_kernel(tmp_path):
     torch._dynamo.reset()
     engine = Engine(EngineConfig(**config, compile_decode=True))
     runner = engine.executor.worker.compiled
-    assert runner.small_bf16 and runner._graph_rows(min(6, cpu_bf16_gemm.MAX_ROWS)) == "small"
-    assert runner._graph_rows(cpu_bf16_gemm.MAX_ROWS + 1) == "large"
+    assert runner.small_bf16 and runner._graph_rows(min(6, runner.bf16_max_rows)) == "small"
+    assert runner._graph_rows(runner.bf16_max_rows + 1) == "large"
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     compiled = run_staggered(engine, prompts, 16, solo_steps=3)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # no recompilation

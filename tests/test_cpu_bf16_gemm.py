@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kestrel.kernels import cpu_bf16_gemm
-from kestrel.kernels.cpu_linear import QUANTIZED_ROWS_BESIDE_BF16, PackedLinear, packing_supported
+from kestrel.kernels import cpu_amx_gemm, cpu_bf16_gemm
+from kestrel.kernels.cpu_linear import QUANTIZED_ROWS_BESIDE_BF16, PackedLinear, _bf16_linear, packing_supported
 from kestrel.kernels.cpu_quant import quantize_int8
 
 pytestmark = pytest.mark.skipif(not cpu_bf16_gemm.use(), reason="needs the C++ kernels and AVX512-BF16")
@@ -49,13 +49,14 @@ def test_packed_linear_takes_the_kernel_for_few_rows_and_caps_the_quantized_rows
     gen = torch.Generator().manual_seed(1)
     weight = (torch.randn(96, 64, generator=gen) * 0.1).bfloat16()
     kernel = PackedLinear(weight)
-    assert kernel.bf16 is not None
-    for rows in (1, 5, cpu_bf16_gemm.MAX_ROWS):
+    assert kernel.bf16 is not None  # AMX tiles where the CPU has them, else cpu_bf16_gemm's kernel
+    assert kernel.bf16_rows == (cpu_amx_gemm.MAX_ROWS if cpu_amx_gemm.available() else cpu_bf16_gemm.MAX_ROWS)
+    for rows in (1, 5, kernel.bf16_rows):
         x = torch.randn(rows, 64, generator=gen).bfloat16()
-        assert torch.equal(kernel.eager(x), cpu_bf16_gemm.linear(x, kernel.bf16))
-    x = torch.randn(cpu_bf16_gemm.MAX_ROWS + 1, 64, generator=gen).bfloat16()
+        assert torch.equal(kernel.eager(x), _bf16_linear(x, kernel.bf16))
+    x = torch.randn(kernel.bf16_rows + 1, 64, generator=gen).bfloat16()
     assert _max_rel_err(kernel.eager(x), F.linear(x.float(), weight.float())) < 8e-3  # oneDNN
     quantized = PackedLinear(weight, quantized=quantize_int8(weight.float()))
     assert quantized.quantized_rows == min(quantized.small.max_rows, QUANTIZED_ROWS_BESIDE_BF16)
     x = torch.randn(quantized.quantized_rows + 1, 64, generator=gen).bfloat16()
-    assert torch.equal(quantized.eager(x), cpu_bf16_gemm.linear(x, quantized.bf16))
+    assert torch.equal(quantized.eager(x), _bf16_linear(x, quantized.bf16))

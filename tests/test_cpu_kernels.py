@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kestrel.kernels import cpu_bf16_gemm
 from kestrel.kernels.cpu_linear import PackedLinear, packing_supported
 
 
@@ -19,9 +18,9 @@ def test_packed_rows_do_not_depend_on_batch_size(dtype, in_features, out_feature
     weight = (torch.randn(out_features, in_features, generator=gen) * 0.02).to(dtype)
     bias = torch.randn(out_features, generator=gen).to(dtype)
     linear = PackedLinear(weight, bias)
-    # bf16 on AVX512-BF16: up to cpu_bf16_gemm.MAX_ROWS rows run on that kernel, more on oneDNN; each
-    # kernel is batch invariant on its own range (the two round differently).
-    small = cpu_bf16_gemm.MAX_ROWS if linear.bf16 is not None else 0
+    # bf16 on AVX512-BF16: up to `bf16_rows` rows run on the small-matmul kernel (AMX or cpu_bf16_gemm),
+    # more on oneDNN; each kernel is batch invariant on its own range (the two round differently).
+    small = linear.bf16_rows
     x = torch.randn(small + 33, in_features, generator=gen).to(dtype)
     full = linear(x)  # [small + 33, out]
     tol = 1e-5 if dtype == torch.float32 else 2e-2

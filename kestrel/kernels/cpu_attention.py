@@ -405,9 +405,9 @@ def load() -> bool:
     try:
         from torch.utils.cpp_extension import load_inline
 
-        from kestrel.kernels import cpu_bf16_gemm, cpu_linear, cpu_prefill_attention
+        from kestrel.kernels import cpu_amx_gemm, cpu_bf16_gemm, cpu_linear, cpu_prefill_attention
 
-        sources = [_SOURCE, cpu_prefill_attention.SOURCE, cpu_bf16_gemm.SOURCE, cpu_linear.SOURCE]
+        sources = [_SOURCE, cpu_prefill_attention.SOURCE, cpu_bf16_gemm.SOURCE, cpu_linear.SOURCE, cpu_amx_gemm.SOURCE]
         cflags = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
         # One build folder per CPU kind and per source text: two checkouts (or a test run beside an edit)
         # with different kernels never rebuild over each other's library.

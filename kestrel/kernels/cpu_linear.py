@@ -62,7 +62,9 @@ from collections.abc import Iterator
 
 import torch
 
-from kestrel.kernels import cpu_bf16_gemm
+from kestrel.kernels import cpu_amx_gemm, cpu_bf16_gemm
+from kestrel.kernels.cpu_amx_gemm import PackedAmx
+from kestrel.kernels.cpu_bf16_gemm import PackedBf16
 from kestrel.kernels.cpu_quant import QuantizedWeight, quantized_linear
 
 # Batch-size hint for the packed layout; any batch size works with any hint.
@@ -83,7 +85,7 @@ def graph_rows(kind: str) -> Iterator[None]:
     """Compiled calls inside take (or trace) the graph for steps of this many rows:
 
     - "quantized": at most the kernels' `quantized_rows` (the quantized kernels run in the graph);
-    - "small": at most `cpu_bf16_gemm.MAX_ROWS` (bf16 weights run `cpu_bf16_gemm`'s op in the graph);
+    - "small": at most the kernels' `bf16_rows` (bf16 weights run the AMX or `cpu_bf16_gemm` op in the graph);
     - "large": more than both (a decode step of many rows): the rest run on oneDNN;
     - "any" (compiled prefill pieces): every matmul goes through `kestrel::packed_linear`, which picks per call.
 
@@ -150,10 +152,14 @@ class PackedLinear:
         if self.small is not None and (self.small.out_features, self.small.in_features) != tuple(weight.shape):
             raise ValueError(f"quantized weight of shape {(self.small.out_features, self.small.in_features)} "
                              f"does not match the weight's {tuple(weight.shape)}")
-        self.bf16 = None
-        """The weight in `cpu_bf16_gemm`'s layout, for bf16 matmuls of up to `cpu_bf16_gemm.MAX_ROWS` rows."""
-        if cpu_bf16_gemm.supports(weight) and cpu_bf16_gemm.use():
-            self.bf16 = cpu_bf16_gemm.pack(weight, bias)
+        self.bf16: PackedAmx | PackedBf16 | None = None
+        """The weight in the small-matmul kernel's layout (AMX tiles where the CPU has them, else
+        `cpu_bf16_gemm`'s), for bf16 matmuls of up to `bf16_rows` rows."""
+        self.bf16_rows = 0
+        if weight.dtype == torch.bfloat16 and cpu_amx_gemm.supports(weight) and cpu_amx_gemm.available():
+            self.bf16, self.bf16_rows = cpu_amx_gemm.pack_bf16(weight, bias), cpu_amx_gemm.MAX_ROWS
+        elif cpu_bf16_gemm.supports(weight) and cpu_bf16_gemm.use():
+            self.bf16, self.bf16_rows = cpu_bf16_gemm.pack(weight, bias), cpu_bf16_gemm.MAX_ROWS
         self.quantized_rows = 0 if self.small is None else self.small.max_rows
         """Matmuls of up to this many rows run on the quantized weight."""
         if self.bf16 is not None:
@@ -174,7 +180,7 @@ class PackedLinear:
             if self.small is not None and _GRAPH_ROWS == "quantized":
                 return self._quantized(x)
             if self.bf16 is not None and _GRAPH_ROWS in ("quantized", "small"):
-                return cpu_bf16_gemm.linear(x, self.bf16)  # the C++ op itself: no Python wrapper per call
+                return _bf16_linear(x, self.bf16)  # the C++ op itself: no Python wrapper per call
             if self.native and _GRAPH_ROWS != "any":  # a decode graph: the rows are past both small kernels
                 return torch.ops.kestrel_cpu_linear.linear(x, self.handle, self.out_features)
             return torch.ops.kestrel.packed_linear(x, self.handle, self.out_features)
@@ -184,8 +190,8 @@ class PackedLinear:
         rows = x.numel() // self.in_features
         if 0 < rows <= self.quantized_rows:
             return self._quantized(x)
-        if self.bf16 is not None and 0 < rows <= cpu_bf16_gemm.MAX_ROWS:
-            return cpu_bf16_gemm.linear(x, self.bf16)
+        if 0 < rows <= self.bf16_rows:
+            return _bf16_linear(x, self.bf16)
         if x.numel() == self.in_features:  # one row: run it as two (see the module docstring)
             out = self._matmul(x.reshape(1, -1).expand(2, -1).contiguous())[:1]
             return out.view(*x.shape[:-1], self.out_features)
@@ -210,6 +216,12 @@ class PackedLinear:
         if self.bias is not None:
             exact += self.bias[top]
         out.scatter_(1, top, exact.to(out.dtype))
+
+
+def _bf16_linear(x: torch.Tensor, weight: PackedAmx | PackedBf16) -> torch.Tensor:
+    if isinstance(weight, PackedAmx):
+        return cpu_amx_gemm.linear(x, weight)
+    return cpu_bf16_gemm.linear(x, weight)
 
 
 def packed_linear(x: torch.Tensor, handle: torch.Tensor, out_features: int) -> torch.Tensor:

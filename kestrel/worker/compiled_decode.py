@@ -19,8 +19,9 @@ process with the same model and torch starts faster); `warmup()` does that at st
 With `--cpu-quantized-decode`, steps of up to `quantized_max_rows` rows take a second graph that calls
 the int4 / int8 kernels in the graph itself (`kernels/cpu_linear.graph_rows`), and a lone request
 is not padded: it gets a third graph, of one row (the int4 kernel's time grows with the rows: ~25%
-from one to two). With bf16 weights on AVX512-BF16, steps of up to `cpu_bf16_gemm.MAX_ROWS` rows take a
-graph that calls that kernel's C++ op directly. `warmup()` compiles them all. Once warm, steps run with
+from one to two). With bf16 weights on AVX512-BF16, steps of up to `bf16_max_rows` rows take a
+graph that calls the small-matmul kernel's C++ op directly (AMX tiles where the CPU has them, 64 rows;
+else `cpu_bf16_gemm`). `warmup()` compiles them all. Once warm, steps run with
 dynamo's guard evaluation skipped except for the guards that tell the graphs apart (`unguarded.py`):
 every step's inputs have the dtypes, devices and dynamic dimensions the graphs were compiled for.
 """
@@ -34,7 +35,6 @@ import torch
 
 from kestrel.attention import AttentionContext, BatchLayout
 from kestrel.attention.slot_decode import SlotDecodeAttention, SlotDecodeMeta
-from kestrel.kernels import cpu_bf16_gemm
 from kestrel.kernels.cpu_linear import graph_rows
 from kestrel.worker.unguarded import UnguardedCalls
 
@@ -65,8 +65,11 @@ class CompiledDecodeRunner:
         """Steps of at most this many rows (padding included) take the graph of the quantized weights
         (`--cpu-quantized-decode`; `cpu_linear.PackedLinear.quantized_rows`); 0: no layer has one."""
         self.quantized = self.quantized_max_rows > 0
-        self.small_bf16 = any(getattr(getattr(m, "kernel", None), "bf16", None) is not None for m in model.modules())
-        """bf16 weights in `cpu_bf16_gemm`'s layout: steps of up to its MAX_ROWS rows call its op in the graph."""
+        self.bf16_max_rows = max((getattr(getattr(m, "kernel", None), "bf16_rows", 0) for m in model.modules()),
+                                 default=0)
+        """bf16 weights in a small-matmul kernel's layout (`cpu_linear.PackedLinear.bf16_rows`): steps of up to
+        this many rows call its op in the graph; 0: none."""
+        self.small_bf16 = self.bf16_max_rows > 0
         self._calls = UnguardedCalls("decode step")
         self.num_runs = 0
         """Decode steps run compiled (for tests and logs)."""
@@ -78,14 +81,14 @@ class CompiledDecodeRunner:
         """Compile now, on fake decode steps (they write only the spare slot); returns seconds.
 
         One step of each kind the batch can be (`_graph_rows`): two rows; with quantized weights also one
-        row and `quantized_max_rows + 1` rows; with the bf16 kernel, `cpu_bf16_gemm.MAX_ROWS + 1` rows.
+        row and `quantized_max_rows + 1` rows; with a bf16 small-matmul kernel, `bf16_max_rows + 1` rows.
         """
         start = time.perf_counter()
         sizes = [MIN_ROWS]
         if self.quantized:
             sizes += [1, self.quantized_max_rows + 1]
         if self.small_bf16:
-            sizes.append(cpu_bf16_gemm.MAX_ROWS + 1)
+            sizes.append(self.bf16_max_rows + 1)
         sizes = sorted({rows for rows in sizes if rows <= max(self.max_batch_size, MIN_ROWS)})
         i32 = dict(dtype=torch.int32, device=self.device)
         for rows in sizes:
@@ -131,7 +134,7 @@ class CompiledDecodeRunner:
         """Which graph a step of `rows` rows takes (`cpu_linear.graph_rows`)."""
         if self.quantized and rows <= self.quantized_max_rows:
             return "quantized"
-        if self.small_bf16 and rows <= cpu_bf16_gemm.MAX_ROWS:
+        if self.small_bf16 and rows <= self.bf16_max_rows:
             return "small"
         return "large"
 

@@ -13,8 +13,9 @@ order the tile loads read it, and a call streams it front to back.
            fp32 scale per output column; activations rounded to int8 per row (absmax / 127) inside the op
 
 x's rows are copied into a buffer padded to 16 rows (zeros); each thread takes a range of column blocks
-and runs them four at a time (four accumulator tiles, one tile of x, the weight tiles streamed), for
-each block of 16 rows; fp32 accumulation, + bias, rounded to bf16 once at the end (bf16: the same
+and runs them four at a time (four accumulator tiles, one tile of x, the weight tiles streamed) for
+each block of 16 rows, or, from 32 rows on, two column blocks by two row blocks (each weight tile loaded
+serves two row tiles); fp32 accumulation, + bias, rounded to bf16 once at the end (bf16: the same
 maths as oneDNN's bf16 GEMM up to the order of fp32 additions). A row's result does not depend on the
 number of rows (each row is its own tile row), so batching changes nothing. N is padded to 16 (zero
 columns, never stored); K must be a multiple of 32 (bf16) or 64 (int8).
@@ -44,8 +45,11 @@ from kestrel.kernels import cpu_attention
 
 BLOCK_N = 16
 """Output columns per tile."""
-MAX_ROWS = 64
-"""Most rows a call runs here (four blocks of 16 re-read the weights from L2); more go to oneDNN."""
+MAX_ROWS = 512
+"""Most rows a call runs here; more go to oneDNN, whose blocking keeps x in cache where this kernel re-reads it
+for every pair of column blocks. SmolLM2's 120 layer matmuls, bf16, this kernel / oneDNN (ms, a 2-core Xeon
+with AMX): 9.1 / 14.1 at 16 rows, 13.7 / 18.1 at 64, 20.9 / 24.5 at 128, 60.5 / 70.0 at 512, 135 / 131 at
+1024, 303 / 170 at 2048 (`benchmarks/cpu/int8_gemm_probe.py`)."""
 
 SOURCE = r"""
 #include <ATen/core/Tensor.h>
@@ -144,6 +148,40 @@ inline void run_blocks(int g, const char* x, int64_t ldx, int64_t xstep, const c
   }
 }
 
+// c[2][2][16][16]: x rows m0 .. m0 + 32 (two tiles) . W blocks j, j + 1 (two tiles): each weight tile loaded
+// serves two row tiles (for calls of many rows, where the weights come from L2 again for every row block).
+template <bool INT8>
+inline void blocks2x2(const char* x, int64_t ldx, int64_t xstep, const char* w, int64_t block_bytes, int64_t kblocks,
+                      void* c) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t kb = 0; kb < kblocks; ++kb) {
+    const char* wk = w + kb * 1024;
+    _tile_loadd(4, x + kb * xstep, ldx);
+    _tile_loadd(5, x + 16 * ldx + kb * xstep, ldx);
+    _tile_loadd(6, wk, 64);
+    _tile_loadd(7, wk + block_bytes, 64);
+    if (INT8) {
+      _tile_dpbssd(0, 4, 6);
+      _tile_dpbssd(1, 4, 7);
+      _tile_dpbssd(2, 5, 6);
+      _tile_dpbssd(3, 5, 7);
+    } else {
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  char* cb = static_cast<char*>(c);
+  _tile_stored(0, cb, 64);
+  _tile_stored(1, cb + 1024, 64);
+  _tile_stored(2, cb + 2048, 64);
+  _tile_stored(3, cb + 3072, 64);
+}
+
 // Rows of x rounded to int8 (absmax / 127 a row) into q [Mp][K] (rows past M stay zero), scales into s.
 void quantize_rows(const uint16_t* x, int64_t M, int64_t K, int8_t* q, float* s) {
   at::parallel_for(0, M, 8, [&](int64_t m0, int64_t m1) {
@@ -231,28 +269,51 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const c10::opti
   at::parallel_for(0, NB, grain, [&](int64_t j0, int64_t j1) {
     configure();
     alignas(64) float c[4][BM][BN];
-    for (int64_t j = j0; j < j1; j += 4) {
-      const int g = static_cast<int>(std::min<int64_t>(4, j1 - j));
-      for (int64_t m0 = 0; m0 < M; m0 += BM) {
-        if (int8) run_blocks<true>(g, xa + m0 * ldx, ldx, xstep, w + j * block_bytes, block_bytes, KB, c);
-        else run_blocks<false>(g, xa + m0 * ldx, ldx, xstep, w + j * block_bytes, block_bytes, KB, c);
-        const int64_t rows = std::min<int64_t>(BM, M - m0);
-        for (int gi = 0; gi < g; ++gi) {
-          const int64_t col = (j + gi) * BN;
-          if (col >= n) break;
-          const int64_t left = n - col;
-          const __mmask16 mk = left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1);
-          const __m512 bv = b == nullptr ? _mm512_setzero_ps() : _mm512_loadu_ps(b + col);
-          const __m512 wv = int8 ? _mm512_loadu_ps(ws + col) : _mm512_set1_ps(1.f);
-          for (int64_t r = 0; r < rows; ++r) {
-            __m512 v = _mm512_load_ps(c[gi][r]);
-            if (int8) {
-              const __m512 scale = _mm512_mul_ps(wv, _mm512_set1_ps(xsp[m0 + r]));
-              v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_castps_si512(v)), scale);
-            }
-            v = _mm512_add_ps(v, bv);
-            _mm256_mask_storeu_epi16(op + (m0 + r) * n + col, mk, (__m256i)_mm512_cvtneps_pbh(v));
+    // c[t] holds rows m0 + 16 * (t / cols) .., column block j + t % cols: writes `tiles` of them out
+    auto store = [&](int64_t j, int64_t m0, int tiles, int cols) {
+      for (int t = 0; t < tiles; ++t) {
+        const int64_t col = (j + t % cols) * BN, r0 = m0 + BM * (t / cols);
+        if (col >= n || r0 >= M) continue;
+        const int64_t left = n - col, rows = std::min<int64_t>(BM, M - r0);
+        const __mmask16 mk = left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1);
+        const __m512 bv = b == nullptr ? _mm512_setzero_ps() : _mm512_loadu_ps(b + col);
+        const __m512 wv = int8 ? _mm512_loadu_ps(ws + col) : _mm512_set1_ps(1.f);
+        for (int64_t r = 0; r < rows; ++r) {
+          __m512 v = _mm512_load_ps(c[t][r]);
+          if (int8) {
+            const __m512 scale = _mm512_mul_ps(wv, _mm512_set1_ps(xsp[r0 + r]));
+            v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_castps_si512(v)), scale);
           }
+          v = _mm512_add_ps(v, bv);
+          _mm256_mask_storeu_epi16(op + (r0 + r) * n + col, mk, (__m256i)_mm512_cvtneps_pbh(v));
+        }
+      }
+    };
+    if (Mp >= 32) {  // many rows: 2 x 2 tiles (a last odd block of 16 rows reads the zero rows past Mp)
+      for (int64_t j = j0; j < j1; j += 2) {
+        const bool pair = j + 1 < j1;
+        for (int64_t m0 = 0; m0 < M; m0 += 2 * BM) {
+          if (pair && m0 + BM < Mp) {
+            if (int8) blocks2x2<true>(xa + m0 * ldx, ldx, xstep, w + j * block_bytes, block_bytes, KB, c);
+            else blocks2x2<false>(xa + m0 * ldx, ldx, xstep, w + j * block_bytes, block_bytes, KB, c);
+            store(j, m0, 4, 2);
+          } else {
+            const int g = pair ? 2 : 1;
+            for (int64_t mb = m0; mb < std::min(M, m0 + 2 * BM); mb += BM) {
+              if (int8) run_blocks<true>(g, xa + mb * ldx, ldx, xstep, w + j * block_bytes, block_bytes, KB, c);
+              else run_blocks<false>(g, xa + mb * ldx, ldx, xstep, w + j * block_bytes, block_bytes, KB, c);
+              store(j, mb, g, g);
+            }
+          }
+        }
+      }
+    } else {
+      for (int64_t j = j0; j < j1; j += 4) {
+        const int g = static_cast<int>(std::min<int64_t>(4, j1 - j));
+        for (int64_t m0 = 0; m0 < M; m0 += BM) {
+          if (int8) run_blocks<true>(g, xa + m0 * ldx, ldx, xstep, w + j * block_bytes, block_bytes, KB, c);
+          else run_blocks<false>(g, xa + m0 * ldx, ldx, xstep, w + j * block_bytes, block_bytes, KB, c);
+          store(j, m0, g, g);
         }
       }
     }

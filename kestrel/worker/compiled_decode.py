@@ -20,7 +20,7 @@ With `--cpu-quantized-decode`, steps of up to `quantized_max_rows` rows take a s
 the int4 / int8 kernels in the graph itself (`kernels/cpu_linear.graph_rows`), and a lone request
 is not padded: it gets a third graph, of one row (the int4 kernel's time grows with the rows: ~25%
 from one to two). With bf16 weights on AVX512-BF16, steps of up to `bf16_max_rows` rows take a
-graph that calls the small-matmul kernel's C++ op directly (AMX tiles where the CPU has them, 64 rows;
+graph that calls the small-matmul kernel's C++ op directly (AMX tiles where the CPU has them, 512 rows;
 else `cpu_bf16_gemm`). `warmup()` compiles them all. Once warm, steps run with
 dynamo's guard evaluation skipped except for the guards that tell the graphs apart (`unguarded.py`):
 every step's inputs have the dtypes, devices and dynamic dimensions the graphs were compiled for.

@@ -23,7 +23,7 @@ def test_bf16_matches_fp32_maths_to_bf16_rounding(n, k, with_bias):
     weight = (torch.randn(n, k, generator=gen) * 0.05).bfloat16()
     bias = torch.randn(n, generator=gen) if with_bias else None
     packed = cpu_amx_gemm.pack_bf16(weight, bias)
-    for rows in (1, 15, 16, 17, 33, 47, 64, 100):
+    for rows in (1, 15, 16, 17, 33, 47, 64, 100, 300):
         x = torch.randn(rows, k, generator=gen).bfloat16()
         expected = F.linear(x.float(), weight.float(), bias)
         got = cpu_amx_gemm.linear(x, packed)

@@ -179,7 +179,11 @@ class EngineLoop:
             self._live.clear()
             self._is_checked = False
             return []
-        self._stats.on_step(self.engine.last_step, time.monotonic() - start)
+        info, elapsed = self.engine.last_step, time.monotonic() - start
+        self._stats.on_step(info, elapsed)
+        if logger.isEnabledFor(logging.DEBUG):  # `--log-level debug`: one line a step
+            logger.debug("step: %d requests, %d tokens (%d prompt), %d new requests, %.1f ms", info.num_requests,
+                         info.num_batched_tokens, info.num_prompt_tokens, len(info.queue_times_s), elapsed * 1e3)
         return outputs
 
     def _abort_quietly(self, request_id: str) -> None:

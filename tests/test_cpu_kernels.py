@@ -59,3 +59,24 @@ def test_native_op_runs_the_packed_weight_like_the_python_path(dtype):
     del linear
     with pytest.raises(RuntimeError, match="was freed"):
         op(x, handle, 200)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_op_picks_the_kernel_eager_picks(dtype):
+    """`kestrel_cpu_linear::linear_any` (what compiled prefill pieces call) gives `eager`'s bits at every row
+    count: the small bf16 kernel up to `bf16_rows` (where there is one), oneDNN beyond; bias included."""
+    if not packing_supported(dtype, torch.device("cpu")):
+        pytest.skip(f"no oneDNN {dtype} on this machine")
+    gen = torch.Generator().manual_seed(2)
+    weight = (torch.randn(200, 128, generator=gen) * 0.05).to(dtype)
+    bias = torch.randn(200, generator=gen).to(dtype)
+    for linear in (PackedLinear(weight, bias), PackedLinear(weight)):
+        if not linear.native:
+            pytest.skip("the C++ kernels are not built here")
+        assert (linear.bf16 is not None) == (dtype == torch.bfloat16 and linear.bf16_rows > 0)
+        for rows in sorted({1, 3, max(linear.bf16_rows, 1), linear.bf16_rows + 1, linear.bf16_rows + 7}):
+            x = torch.randn(rows, 128, generator=gen).to(dtype)
+            got = torch.ops.kestrel_cpu_linear.linear_any(x, linear.handle, 200)
+            assert torch.equal(got, linear.eager(x)), rows
+        x = torch.randn(2, 3, 128, generator=gen).to(dtype)
+        assert torch.equal(torch.ops.kestrel_cpu_linear.linear_any(x, linear.handle, 200), linear.eager(x))

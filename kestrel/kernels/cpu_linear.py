@@ -41,7 +41,10 @@ there, a matmul left to oneDNN calls the C++ op `kestrel_cpu_linear::linear(x, h
 (`SOURCE`, built with the CPU attention kernels), which finds the packed weight in a registry of weak
 references kept in C++ and calls oneDNN's op itself: ~30 us of Python a call less than
 `kestrel::packed_linear` (120 calls a SmolLM2 decode step). Compiled prefill pieces, whose chunks can be
-of any size, keep `kestrel::packed_linear`, which picks per call.
+of any size, call `kestrel_cpu_linear::linear_any`, which picks per call in C++: the small bf16 kernel's copy
+(registered beside the packed weight) up to its `bf16_rows`, oneDNN beyond; the quantized kernels are left
+to decode steps (a prefill piece of a few rows runs in bf16). Where the C++ ops are not built, pieces call
+`kestrel::packed_linear`, which picks per call in Python (~25 us a call more).
 
 Eager, the choice is made per call (`eager`). Compiled decode steps of few rows call the quantized
 kernels inside the graph itself (their weights are plain tensors, unlike oneDNN's), with no custom-op
@@ -87,7 +90,8 @@ def graph_rows(kind: str) -> Iterator[None]:
     - "quantized": at most the kernels' `quantized_rows` (the quantized kernels run in the graph);
     - "small": at most the kernels' `bf16_rows` (bf16 weights run the AMX or `cpu_bf16_gemm` op in the graph);
     - "large": more than both (a decode step of many rows): the rest run on oneDNN;
-    - "any" (compiled prefill pieces): every matmul goes through `kestrel::packed_linear`, which picks per call.
+    - "any" (compiled prefill pieces): every matmul goes through `kestrel_cpu_linear::linear_any` (or, unbuilt,
+      `kestrel::packed_linear`), which picks per call.
 
     In the first three, a matmul neither small kernel takes runs on oneDNN through the C++ op (see the
     module docstring). The compiled decode runner enters this per step; torch.compile guards on it, so
@@ -173,6 +177,10 @@ class PackedLinear:
         """The packed weight is in the C++ registry: decode graphs call `kestrel_cpu_linear::linear`."""
         if self.native:
             torch.ops.kestrel_cpu_linear.register_weight(key, self.packed, self.bias)
+            if self.bf16 is not None:
+                kind = 1 if isinstance(self.bf16, PackedAmx) else 2
+                torch.ops.kestrel_cpu_linear.register_small(key, self.bf16.packed, self.bf16.bias, kind,
+                                                            self.bf16_rows)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in] -> [..., out]
@@ -183,6 +191,8 @@ class PackedLinear:
                 return _bf16_linear(x, self.bf16)  # the C++ op itself: no Python wrapper per call
             if self.native and _GRAPH_ROWS != "any":  # a decode graph: the rows are past both small kernels
                 return torch.ops.kestrel_cpu_linear.linear(x, self.handle, self.out_features)
+            if self.native:  # a prefill piece: C++ picks the small bf16 kernel or oneDNN by the rows
+                return torch.ops.kestrel_cpu_linear.linear_any(x, self.handle, self.out_features)
             return torch.ops.kestrel.packed_linear(x, self.handle, self.out_features)
         return self.eager(x)
 
@@ -254,6 +264,10 @@ def _native_op() -> bool:
     def _(x, handle, out_features):
         return x.new_empty(*x.shape[:-1], out_features)
 
+    @torch.library.register_fake("kestrel_cpu_linear::linear_any")
+    def _(x, handle, out_features):
+        return x.new_empty(*x.shape[:-1], out_features)
+
     return True
 
 
@@ -277,6 +291,10 @@ using WeakTensor = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensor
 struct Entry {
   WeakTensor weight;  // oneDNN-packed, owned by the Python PackedLinear
   std::optional<WeakTensor> bias;
+  // the small-matmul kernel's copy (PackedLinear.bf16), for `linear_any` calls of up to small_rows rows
+  int64_t small_kind = 0;  // 0: none, 1: kestrel_cpu_amx::linear, 2: kestrel_cpu_gemm::linear
+  int64_t small_rows = 0;
+  std::optional<WeakTensor> small_packed, small_bias;
 };
 
 std::mutex registry_mutex;
@@ -301,6 +319,21 @@ void register_weight(int64_t handle, const at::Tensor& weight, const std::option
   registry.insert_or_assign(handle, std::move(entry));
 }
 
+void register_small(int64_t handle, const at::Tensor& packed, const std::optional<at::Tensor>& bias, int64_t kind,
+                    int64_t max_rows) {
+  std::lock_guard<std::mutex> guard(registry_mutex);
+  auto it = registry.find(handle);
+  TORCH_CHECK(it != registry.end(), "kestrel_cpu_linear: register the weight before its small kernel");
+  TORCH_CHECK(kind == 1 || kind == 2, "kestrel_cpu_linear: small kernel kind 1 (AMX) or 2 (AVX512-BF16)");
+  it->second.small_kind = kind;
+  it->second.small_rows = max_rows;
+  it->second.small_packed = WeakTensor(packed.getIntrusivePtr());
+  if (bias.has_value() && bias->defined()) it->second.small_bias = WeakTensor(bias->getIntrusivePtr());
+}
+
+at::Tensor onednn(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                  int64_t out_features);
+
 // x [..., K] -> [..., out_features] on the packed weight `handle` (a 0-d int64 tensor): oneDNN's
 // mkldnn::_linear_pointwise, as PackedLinear._matmul calls it; one row runs as two (batch invariance).
 at::Tensor linear(const at::Tensor& x, const at::Tensor& handle, int64_t out_features) {
@@ -314,6 +347,47 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& handle, int64_t out_fea
     weight = lock(it->second.weight);
     if (it->second.bias) bias = lock(*it->second.bias);
   }
+  return onednn(x, weight, bias, out_features);
+}
+
+// As `linear`, but a call of up to the entry's small_rows rows runs on its small-matmul kernel (what compiled
+// prefill pieces call: their row count is known only at run time).
+at::Tensor linear_any(const at::Tensor& x, const at::Tensor& handle, int64_t out_features) {
+  const int64_t key = *handle.data_ptr<int64_t>();
+  const int64_t k = x.size(-1);
+  const int64_t rows = k == 0 ? 0 : x.numel() / k;
+  at::Tensor weight, packed;
+  std::optional<at::Tensor> bias, small_bias;
+  int64_t kind = 0;
+  {
+    std::lock_guard<std::mutex> guard(registry_mutex);
+    auto it = registry.find(key);
+    TORCH_CHECK(it != registry.end(), "kestrel_cpu_linear: no weight registered as ", key);
+    const Entry& e = it->second;
+    if (e.small_kind != 0 && rows > 0 && rows <= e.small_rows) {
+      kind = e.small_kind;
+      packed = lock(*e.small_packed);
+      if (e.small_bias) small_bias = lock(*e.small_bias);
+    } else {
+      weight = lock(e.weight);
+      if (e.bias) bias = lock(*e.bias);
+    }
+  }
+  if (kind == 0) return onednn(x, weight, bias, out_features);
+  static const auto amx = c10::Dispatcher::singleton().findSchemaOrThrow("kestrel_cpu_amx::linear", "");
+  static const auto gemm = c10::Dispatcher::singleton().findSchemaOrThrow("kestrel_cpu_gemm::linear", "");
+  torch::jit::Stack stack;
+  stack.emplace_back(x);
+  stack.emplace_back(packed);
+  if (kind == 1) stack.emplace_back(c10::IValue());  // w_scale: bf16 weights have none
+  stack.emplace_back(small_bias.has_value() ? c10::IValue(*small_bias) : c10::IValue());
+  stack.emplace_back(out_features);
+  (kind == 1 ? amx : gemm).callBoxed(&stack);
+  return stack[0].toTensor();
+}
+
+at::Tensor onednn(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                  int64_t out_features) {
   const int64_t k = x.size(-1);
   const int64_t rows = k == 0 ? 0 : x.numel() / k;
   at::Tensor in = x.reshape({rows, k});
@@ -342,7 +416,11 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& handle, int64_t out_fea
 TORCH_LIBRARY(kestrel_cpu_linear, m) {
   m.def("linear(Tensor x, Tensor handle, int out_features) -> Tensor");
   m.impl("linear", c10::DispatchKey::CPU, TORCH_FN(kestrel_linear::linear));
+  m.def("linear_any(Tensor x, Tensor handle, int out_features) -> Tensor");
+  m.impl("linear_any", c10::DispatchKey::CPU, TORCH_FN(kestrel_linear::linear_any));
   m.def("register_weight(int handle, Tensor weight, Tensor? bias) -> ()");
   m.impl("register_weight", c10::DispatchKey::CatchAll, TORCH_FN(kestrel_linear::register_weight));
+  m.def("register_small(int handle, Tensor packed, Tensor? bias, int kind, int max_rows) -> ()");
+  m.impl("register_small", c10::DispatchKey::CatchAll, TORCH_FN(kestrel_linear::register_small));
 }
 """

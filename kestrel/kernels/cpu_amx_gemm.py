@@ -240,27 +240,18 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const c10::opti
   }
   const float* ws = int8 ? w_scale->data_ptr<float>() : nullptr;
   // x's rows, padded to whole tiles (zeros), as the tile loads read them
-  at::Tensor xq, xs;
-  const char* xa;
-  int64_t ldx, xstep;
+  at::Tensor xq = xc, xs;
   if (int8) {
     xq = at::zeros({Mp, K}, x.options().dtype(at::kChar));
     xs = at::empty({Mp}, x.options().dtype(at::kFloat));
     quantize_rows(reinterpret_cast<const uint16_t*>(xc.data_ptr()), M, K, xq.data_ptr<int8_t>(), xs.data_ptr<float>());
-    xa = reinterpret_cast<const char*>(xq.data_ptr());
-    ldx = K;
-    xstep = 64;
-  } else {
-    if (Mp != M) {
-      xq = at::zeros({Mp, K}, x.options());
-      xq.narrow(0, 0, M).copy_(xc);
-    } else {
-      xq = xc;
-    }
-    xa = reinterpret_cast<const char*>(xq.data_ptr());
-    ldx = 2 * K;
-    xstep = 64;
+  } else if (Mp != M) {
+    xq = at::zeros({Mp, K}, x.options());
+    xq.narrow(0, 0, M).copy_(xc);
   }
+  const char* xa = reinterpret_cast<const char*>(xq.data_ptr());
+  const int64_t ldx = int8 ? K : 2 * K;  // bytes a row
+  const int64_t xstep = 64;               // bytes of a row a k-block: 64 int8 or 32 bf16
   const float* xsp = int8 ? xs.data_ptr<float>() : nullptr;
   const char* w = reinterpret_cast<const char*>(packed.data_ptr());
   const int64_t block_bytes = KB * 1024;
